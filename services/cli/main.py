@@ -1,0 +1,67 @@
+"""Entry point of the ``wlcad`` command.
+
+Errors caused by the input print one line naming the field and exit with status 2; anything else
+prints one line and exits 70. Never a traceback, unless ``WLCAD_DEBUG=1`` asks for one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from services.cli import data_cmd, info_cmd, inspect_cmd
+from services.core.errors import InputError
+
+EXIT_INPUT_ERROR = 2
+EXIT_INTERNAL_ERROR = 70
+
+_COMMANDS = (info_cmd, inspect_cmd, data_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wlcad",
+        description="Weak-Label CADe: lesion labels from centre + size, detectors and anomaly scores.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in _COMMANDS:
+        module.register(commands)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"wlcad: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    warnings.showwarning = _show_warning
+    try:
+        return int(args.handler(args) or 0)
+    except InputError as exc:
+        print(f"wlcad: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        print("wlcad: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("WLCAD_DEBUG") == "1":
+            raise
+        print(
+            f"wlcad: internal error: {type(exc).__name__}: {exc} (set WLCAD_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
