@@ -13,13 +13,13 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from services.cli import data_cmd, info_cmd, inspect_cmd
+from services.cli import data_cmd, info_cmd, inspect_cmd, models_cmd, triton_cmd
 from services.core.errors import InputError
 
 EXIT_INPUT_ERROR = 2
 EXIT_INTERNAL_ERROR = 70
 
-_COMMANDS = (info_cmd, inspect_cmd, data_cmd)
+_COMMANDS = (info_cmd, inspect_cmd, data_cmd, models_cmd, triton_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,6 +56,8 @@ class _EmbeddedModel:
         # One run at a time per model, like one Triton instance; onnxruntime itself uses all cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{signature.name}")
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        #: Counters for metrics and tests: onnxruntime runs, requests served, largest batch (rows).
+        self.stats = {"runs": 0, "requests": 0, "max_rows": 0}
         self._worker = asyncio.get_running_loop().create_task(self._serve())
 
     async def submit(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -97,6 +99,10 @@ class _EmbeddedModel:
             feed = batch[0].inputs
         else:
             feed = {name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
+        rows = sum(r.rows for r in batch)
+        self.stats["runs"] += 1
+        self.stats["requests"] += len(batch)
+        self.stats["max_rows"] = max(self.stats["max_rows"], rows)
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.session.run, self.output_names, feed
@@ -164,6 +170,14 @@ class EmbeddedBackend(InferenceBackend):
 
     async def signature(self, model: str) -> ModelSignature:
         return (await self._model(model)).signature
+
+    def stats(self, model: str) -> dict[str, int]:
+        """Batching counters of a loaded model (runs, requests, max_rows)."""
+        return (
+            dict(self._models[model].stats)
+            if model in self._models
+            else {"runs": 0, "requests": 0, "max_rows": 0}
+        )
 
     async def infer(
         self,
