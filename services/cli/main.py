@@ -13,13 +13,14 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from services.cli import data_cmd, info_cmd, inspect_cmd, models_cmd, triton_cmd
+from services.cli import data_cmd, estimate_cmd, info_cmd, inspect_cmd, models_cmd, triton_cmd
+from services.cli.arguments import join_negative_values
 from services.core.errors import InputError
 
 EXIT_INPUT_ERROR = 2
 EXIT_INTERNAL_ERROR = 70
 
-_COMMANDS = (info_cmd, inspect_cmd, data_cmd, models_cmd, triton_cmd)
+_COMMANDS = (info_cmd, inspect_cmd, data_cmd, estimate_cmd, models_cmd, triton_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

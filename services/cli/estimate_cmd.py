@@ -1,0 +1,147 @@
+"""``wlcad estimate``: lesion masks from centre + size, from a manifest, or from an RT Dose plan."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from services.cli.arguments import positive_number, triplet
+from services.core.errors import InputError
+from services.core.io import read_image
+from services.label_estimation.pipeline import METHODS, LabelEstimator, LesionEstimate
+from services.label_estimation.prompt import LesionPrompt, prompt_from_voxel
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "estimate",
+        help="estimate lesion masks from centre + diameter, a weak-label manifest, or an RT Dose",
+        description=(
+            "One lesion: --image PATH --center-mm X,Y,Z (LPS mm) or --center-voxel I,J,K, --diameter-mm D. "
+            "Many: --manifest weak.csv --out DIR. Dose: --dose RTDOSE.dcm --image PATH --isodose 50%% --out DIR."
+        ),
+    )
+    parser.add_argument("--image", type=Path, help="DICOM folder/file, NIfTI, NRRD, MHA/MHD or CIRCUS input")
+    parser.add_argument(
+        "--center-mm", type=triplet, metavar="X,Y,Z", help="lesion centre, world LPS mm (may be negative)"
+    )
+    parser.add_argument(
+        "--center-voxel", type=triplet, metavar="I,J,K", help="lesion centre as a voxel index (x,y,z order)"
+    )
+    parser.add_argument(
+        "--diameter-mm", type=positive_number, metavar="D", help="maximum lesion diameter in mm"
+    )
+    parser.add_argument("--lesion-id", type=int, default=1, help="label value of this lesion (default 1)")
+    parser.add_argument("--method", choices=METHODS, default="unet")
+    parser.add_argument("--manifest", type=Path, help="weak-label manifest CSV (batch mode)")
+    parser.add_argument("--dose", type=Path, help="RT Dose DICOM (dose-to-label mode)")
+    parser.add_argument(
+        "--isodose", default="50%", help="prescription isodose: '50%%' of each target's max, or '12Gy'"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="mask file (.nii.gz/.nrrd/.mha) or, for batch/dose, a folder"
+    )
+    parser.add_argument("--seg", type=Path, help="also write a DICOM SEG (DICOM input only)")
+    parser.add_argument("--report", type=Path, help="also write the per-lesion JSON report here")
+    parser.add_argument("--circus", type=Path, help="also write CIRCUS voxel labels into this folder")
+    parser.add_argument("--series-uid", help="pick one series when the DICOM folder holds several")
+    parser.set_defaults(handler=run)
+
+
+def _estimator(method: str) -> tuple[LabelEstimator, object | None]:
+    if method != "unet":
+        return LabelEstimator(), None
+    from services.label_estimation.model import UnetModel
+
+    model = UnetModel()
+    return LabelEstimator(model.infer, model.version, model.max_batch), model
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.dose is not None:
+        return _run_dose(args)
+    if args.manifest is not None:
+        return _run_batch(args)
+    if args.image is None:
+        raise InputError("give --image (with a centre and diameter), --manifest or --dose", field="image")
+    if (args.center_mm is None) == (args.center_voxel is None):
+        raise InputError("give exactly one of --center-mm or --center-voxel", field="center_mm")
+    if args.diameter_mm is None:
+        raise InputError("is required with --image", field="diameter_mm")
+    image = read_image(args.image, series_instance_uid=args.series_uid)
+    if args.center_voxel is not None:
+        prompt = prompt_from_voxel(image, args.center_voxel, args.diameter_mm, args.lesion_id)
+    else:
+        prompt = LesionPrompt(args.center_mm, args.diameter_mm, args.lesion_id)
+    estimator, model = _estimator(args.method)
+    try:
+        estimates = estimator.estimate(image, [prompt], args.method)
+    finally:
+        if model is not None:
+            model.close()
+    _write_single(args, image, estimates)
+    return 0
+
+
+def _write_single(args: argparse.Namespace, image, estimates: list[LesionEstimate]) -> None:
+    from services.label_estimation.outputs import write_circus_labels, write_dicom_seg, write_json, write_mask
+
+    write_mask(image, estimates, args.out)
+    if args.seg is not None:
+        write_dicom_seg(image, estimates, args.image, args.seg)
+    if args.circus is not None:
+        write_circus_labels(estimates, args.circus)
+    reports = [e.report() for e in estimates]
+    if args.report is not None:
+        write_json(args.report, reports[0] if len(reports) == 1 else reports)
+    for report in reports:
+        m, qc = report["measurements"], report["qc"]
+        print(
+            f"lesion {report['lesion_id']}: {args.method}: {m['voxels']} voxels"
+            + (
+                f", {m['volume_mm3']:.1f} mm³, max diameter {m['max_diameter_mm']:.1f} mm"
+                if m["voxels"]
+                else ""
+            )
+            + f", QC {'passed' if qc.get('passed') else 'flagged'} → {args.out}"
+        )
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from services.label_estimation.batch import read_manifest, run_batch
+
+    total = len(read_manifest(args.manifest))
+    estimator, model = _estimator(args.method)
+    try:
+        with tqdm(total=total, unit="lesion", file=sys.stderr, disable=None) as bar:
+            summary = run_batch(args.manifest, args.out, args.method, estimator, progress=bar.update)
+    finally:
+        if model is not None:
+            model.close()
+    print(f"summary: {summary}")
+    return 0
+
+
+def _run_dose(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from services.core.io import write_image
+    from services.label_estimation.dose import Isodose, dose_labels, read_rtdose
+    from services.label_estimation.outputs import write_json
+
+    if args.image is None:
+        raise InputError("dose-to-label needs the planning image too", field="image")
+    isodose = Isodose.parse(args.isodose)
+    image = read_image(args.image, series_instance_uid=args.series_uid)
+    labels, targets = dose_labels(image, read_rtdose(args.dose), isodose)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_image(
+        image.with_array(labels.astype(np.uint16 if labels.max() > 255 else np.uint8)),
+        args.out / "dose-labels.nii.gz",
+    )
+    write_json(args.out / "dose-targets.json", {"isodose": args.isodose, "targets": targets})
+    print(f"{len(targets)} treated targets at isodose {args.isodose} → {args.out}")
+    return 0

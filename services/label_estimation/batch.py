@@ -1,0 +1,191 @@
+"""Batch label estimation over a weak-label manifest: resumable, atomic, one summary row per lesion.
+
+The manifest has the columns of docs/manifest.schema.json (``case_id, image, lesion_id,
+center_{x,y,z}_mm, diameter_mm``, optionally ``mask`` = the exact label map, used to score Dice).
+Per lesion the runner writes ``<out>/<case_id>/lesion-<id>.nii.gz`` (mask on the input grid) and
+``lesion-<id>.json`` (report) — the JSON last, so its presence means "done" and a rerun skips it.
+A lesion that fails (bad centre, unreadable image) is recorded with its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.core.errors import InputError
+from services.core.io import read_image
+from services.core.lesion_measurements import dice
+from services.core.volume import Volume
+from services.label_estimation.outputs import write_json, write_mask
+from services.label_estimation.pipeline import LabelEstimator, LesionEstimate
+from services.label_estimation.prompt import LesionPrompt
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = (
+    "case_id",
+    "image",
+    "lesion_id",
+    "center_x_mm",
+    "center_y_mm",
+    "center_z_mm",
+    "diameter_mm",
+)
+SUMMARY_COLUMNS = (
+    "case_id",
+    "lesion_id",
+    "lesion_type",
+    "status",
+    "error",
+    "voxels",
+    "volume_mm3",
+    "max_diameter_mm",
+    "diameter_ratio",
+    "qc_passed",
+    "dice",
+)
+
+
+@dataclass(frozen=True)
+class ManifestLesion:
+    case_id: str
+    image: Path
+    truth: Path | None
+    lesion_type: str
+    prompt: LesionPrompt | None
+    error: str | None = None
+
+
+def _number(row: dict, column: str) -> float:
+    try:
+        value = float(row[column])
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"not a number: {row.get(column)!r}", field=column) from exc
+    if not math.isfinite(value):
+        raise InputError(f"must be finite, got {row[column]!r}", field=column)
+    return value
+
+
+def read_manifest(path: Path) -> list[ManifestLesion]:
+    """Rows with a lesion (empty lesion_id = a lesion-free case, skipped). Bad rows carry their error."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+            columns = set(rows[0].keys()) if rows else set()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}", field="manifest") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if rows and missing:
+        raise InputError(f"missing columns: {', '.join(missing)}", field="manifest")
+    lesions = []
+    for row in rows:
+        if not (row.get("lesion_id") or "").strip():
+            continue
+        image = (path.parent / row["image"]).resolve()
+        truth = (path.parent / row["mask"]).resolve() if (row.get("mask") or "").strip() else None
+        base = {
+            "case_id": row["case_id"],
+            "image": image,
+            "truth": truth,
+            "lesion_type": row.get("lesion_type", ""),
+        }
+        try:
+            lesion_id = int(row["lesion_id"])
+            center = tuple(_number(row, f"center_{a}_mm") for a in "xyz")
+            prompt = LesionPrompt(center, _number(row, "diameter_mm"), lesion_id)
+            lesions.append(ManifestLesion(**base, prompt=prompt))
+        except (InputError, ValueError) as exc:
+            lesions.append(ManifestLesion(**base, prompt=None, error=str(exc)))
+    return lesions
+
+
+def _row_id(lesion: ManifestLesion) -> str:
+    return str(lesion.prompt.lesion_id) if lesion.prompt else "invalid"
+
+
+def run_batch(
+    manifest: Path,
+    out: Path,
+    method: str,
+    estimator: LabelEstimator,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Estimate every lesion of the manifest into ``out``; returns the summary CSV's path."""
+    lesions = read_manifest(manifest)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    images: dict[Path, Volume | Exception] = {}
+    truths: dict[Path, Volume | Exception] = {}
+    for lesion in lesions:
+        folder = out / lesion.case_id
+        row = {"case_id": lesion.case_id, "lesion_id": _row_id(lesion), "lesion_type": lesion.lesion_type}
+        report_path = folder / f"lesion-{_row_id(lesion)}.json"
+        try:
+            if lesion.error:
+                raise InputError(lesion.error)
+            if report_path.is_file():  # finished in an earlier run
+                report = json.loads(report_path.read_text())
+                row.update(_summary(report, status="skipped"))
+            else:
+                if lesion.image not in images:
+                    images.clear()  # one image in memory at a time; manifests are grouped by case
+                    try:
+                        images[lesion.image] = read_image(lesion.image)
+                    except InputError as exc:
+                        images[lesion.image] = exc
+                image = images[lesion.image]
+                if isinstance(image, Exception):
+                    raise image
+                estimate = estimator.estimate(image, [lesion.prompt], method)[0]
+                report = estimate.report()
+                report["case_id"] = lesion.case_id
+                if lesion.truth is not None:
+                    report["dice"] = round(_dice_against_truth(image, estimate, lesion, truths), 4)
+                write_mask(image, [estimate], folder / f"lesion-{estimate.lesion_id}.nii.gz")
+                write_json(report_path, report)
+                row.update(_summary(report, status="ok"))
+        except InputError as exc:
+            row.update({"status": "error", "error": str(exc)})
+            log.warning("case %s lesion %s: %s", lesion.case_id, row["lesion_id"], exc)
+        rows.append(row)
+        if progress:
+            progress(1)
+    summary = out / "summary.csv"
+    with summary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return summary
+
+
+def _dice_against_truth(
+    image: Volume, estimate: LesionEstimate, lesion: ManifestLesion, cache: dict
+) -> float:
+    if lesion.truth not in cache:
+        cache.clear()
+        cache[lesion.truth] = read_image(lesion.truth)
+    truth = cache[lesion.truth]
+    if not truth.same_grid(image, tolerance_mm=0.01):
+        raise InputError("the mask is not on the image's grid", field="mask")
+    return dice(estimate.mask.full(), truth.array == lesion.prompt.lesion_id)
+
+
+def _summary(report: dict, status: str) -> dict:
+    measurements, qc = report.get("measurements", {}), report.get("qc", {})
+    return {
+        "status": status,
+        "error": "",
+        "voxels": measurements.get("voxels"),
+        "volume_mm3": measurements.get("volume_mm3"),
+        "max_diameter_mm": measurements.get("max_diameter_mm"),
+        "diameter_ratio": qc.get("diameter_ratio"),
+        "qc_passed": qc.get("passed"),
+        "dice": report.get("dice"),
+    }

@@ -1,0 +1,116 @@
+"""DICOM SEG output with highdicom, referencing the source series the masks were estimated on.
+
+A SEG can only reference real DICOM instances, so it is written when the input was a DICOM series
+(the Volume's metadata keeps the SOP Instance UIDs in slice order); other inputs get NIfTI/NRRD.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+
+from services.core.errors import InputError
+from services.core.volume import Volume
+
+MANUFACTURER = "wlcad"
+
+
+def _source_datasets(series_folder: Path, volume: Volume) -> list[pydicom.Dataset]:
+    uids = list(volume.metadata.get("sop_instance_uids") or [])
+    if volume.metadata.get("source_format") != "dicom" or not uids:
+        raise InputError(
+            "a DICOM SEG needs a DICOM image input (it must reference the source images)", field="seg"
+        )
+    by_uid = {}
+    candidates = (
+        [series_folder]
+        if series_folder.is_file()
+        else sorted(p for p in series_folder.rglob("*") if p.is_file())
+    )
+    for path in candidates:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # other files in the folder are not ours to judge
+            continue
+        by_uid[str(ds.get("SOPInstanceUID", ""))] = ds
+    missing = [uid for uid in uids if uid not in by_uid]
+    if missing:
+        raise InputError(
+            f"{len(missing)} source instances are no longer in {series_folder.name}", field="seg"
+        )
+    datasets = [by_uid[uid] for uid in uids]
+    for ds in datasets:  # some exporters leave SOPClassUID only in the file meta
+        if not ds.get("SOPClassUID"):
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    return datasets
+
+
+def write_seg(
+    series_folder: Path,
+    volume: Volume,
+    label_map: np.ndarray,
+    lesions: Sequence[dict],
+    out_path: Path,
+    *,
+    software_version: str,
+) -> Path:
+    """One segment per lesion (``lesions``: dicts with ``lesion_id`` and ``method``), written atomically."""
+    datasets = _source_datasets(Path(series_folder), volume)
+    if len(datasets) == 1 and volume.array.shape[0] > 1:
+        raise InputError("multi-frame source images are not supported for SEG yet", field="seg")
+    descriptions = []
+    segment_map = np.zeros(label_map.shape, dtype=np.uint16)
+    for number, lesion in enumerate(lesions, start=1):
+        segment_map[label_map == lesion["lesion_id"]] = number
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=f"lesion {lesion['lesion_id']}",
+                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                segmented_property_type=codes.SCT.Lesion,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
+                algorithm_identification=hd.AlgorithmIdentificationSequence(
+                    name=f"wlcad {lesion['method']}",
+                    family=codes.cid7162.ArtificialIntelligence,
+                    version=software_version,
+                ),
+                tracking_uid=hd.UID(),
+                tracking_id=f"lesion-{lesion['lesion_id']}",
+            )
+        )
+    if not descriptions:
+        raise InputError("no lesion to write", field="seg")
+    seg = hd.seg.Segmentation(
+        source_images=datasets,
+        pixel_array=segment_map,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=9001,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name="wlcad label estimation",
+        software_versions=software_version,
+        device_serial_number="0",
+        series_description="wlcad lesion labels",
+        omit_empty_frames=True,
+    )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+    os.close(handle)
+    try:
+        seg.save_as(temporary)
+        os.replace(temporary, out_path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return out_path

@@ -1,0 +1,61 @@
+"""Write a set of lesion estimates: label map on the input grid, DICOM SEG, CIRCUS labels, JSON.
+
+Every file is written to a temporary name and renamed into place, so an interrupted or failed run
+never leaves a partial output that a resumed batch would mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from services.core.io import write_image
+from services.core.volume import Volume
+from services.label_estimation.circus_label import circus_voxel_label
+from services.label_estimation.dicom_seg import write_seg
+from services.label_estimation.pipeline import LesionEstimate, label_map, software_version
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, payload: object) -> Path:
+    return write_bytes_atomically(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def write_mask(image: Volume, estimates: Sequence[LesionEstimate], path: Path) -> Path:
+    """Label map (voxel = lesion_id) on exactly the input grid."""
+    return write_image(image.with_array(label_map(image, estimates)), path)
+
+
+def write_dicom_seg(image: Volume, estimates: Sequence[LesionEstimate], source: Path, path: Path) -> Path:
+    lesions = [{"lesion_id": e.lesion_id, "method": e.method} for e in estimates if e.mask.voxel_count]
+    return write_seg(
+        source, image, label_map(image, estimates), lesions, path, software_version=software_version()
+    )
+
+
+def write_circus_labels(estimates: Sequence[LesionEstimate], folder: Path) -> list[Path]:
+    """``lesion-<id>.json`` (the CIRCUS label) plus the packed voxels stored under their sha1."""
+    written = []
+    for estimate in estimates:
+        if not estimate.mask.voxel_count:
+            continue
+        label, packed = circus_voxel_label(estimate.mask)
+        write_bytes_atomically(folder / label["data"]["voxels"], packed)
+        written.append(write_json(folder / f"lesion-{estimate.lesion_id}.json", label))
+    return written
