@@ -1,0 +1,111 @@
+"""``brain-mr-metastasis``: contrast-enhanced T1 brain with solid and ring-enhancing metastases.
+
+Metastases 2–30 mm (small ones dominate, as in the clinic), each with a hypointense oedema halo that
+is *not* labelled; ring-enhancing ones have a necrotic core inside the label. The case also carries a
+Gamma-Knife-like RT dose on a coarser grid (see :mod:`training.data.rtdose`): most targets treated,
+some not. :func:`insert_metastases` is shared with the hybrid mode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.core.volume import Volume
+from training.data.case import (
+    LesionRecord,
+    PhantomCase,
+    add_noise,
+    bias_field,
+    centred_geometry,
+    choose_point,
+    log_uniform,
+    place_lesion,
+)
+from training.data.head import compose, head_tissues
+from training.data.rtdose import dose_for_targets
+from training.data.shapes import FAMILIES, constant_profile, core_rim_profile, random_shape, rasterize
+
+TASK = "brain-mr-metastasis"
+DEFAULT_SIZE_XYZ = (256, 256, 128)
+T1_VALUES = {"scalp": 900.0, "skull": 120.0, "csf": 250.0, "gm": 550.0, "wm": 750.0}
+
+
+def insert_metastases(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    geometry: Volume,
+    region: np.ndarray,
+    white_matter_value: float,
+    noise_sd: float,
+    count: int,
+) -> tuple[np.ndarray, list[LesionRecord]]:
+    """Paint ``count`` metastases (+ oedema) whose centres fall in ``region``; returns mask, records."""
+    mask = np.zeros(image.shape, dtype=np.uint16)
+    records: list[LesionRecord] = []
+    for _ in range(count * 20):
+        if len(records) == count:
+            break
+        centre = choose_point(rng, region, geometry)
+        if centre is None:
+            break
+        diameter = log_uniform(rng, 2.0, 30.0)
+        ring = diameter > 8.0 and rng.random() < 0.5
+        family = str(rng.choice(FAMILIES, p=[0.3, 0.25, 0.25, 0.05, 0.15]))
+        shape = random_shape(rng, family, diameter, centre)
+        cnr = rng.uniform(1.5, 15.0)
+        enhancing = white_matter_value + cnr * noise_sd
+        if ring:
+            profile = core_rim_profile(enhancing, white_matter_value * 0.4, rng.uniform(0.25, 0.5))
+        else:
+            profile = constant_profile(enhancing)
+        growth = rng.uniform(1.4, 2.5) if diameter < 15 else rng.uniform(1.3, 1.8)
+        halo = rasterize(
+            shape.scaled(growth),
+            geometry,
+            margin=0.4,
+            profile=constant_profile(white_matter_value * 0.75),
+            supersample=False,
+        )
+        if halo is not None and np.any(mask[halo.slices][halo.weight > 0.05]):
+            continue
+        trial = image.copy() if halo is not None else image
+        if halo is not None and diameter > 5.0:
+            view = trial[halo.slices]
+            view *= 1.0 - halo.weight
+            view += halo.shaded
+        lesion_id = len(records) + 1
+        if place_lesion(rng, shape, geometry, trial, mask, lesion_id, profile, margin=rng.uniform(0.0, 0.1)):
+            image[...] = trial
+            kind = "ring-enhancing" if ring else "solid"
+            records.append(
+                LesionRecord(lesion_id, kind, shape, float(cnr), {"treated": bool(rng.random() < 0.75)})
+            )
+    return mask, records
+
+
+def generate(rng: np.random.Generator, size_xyz: tuple[int, int, int] | None = None) -> PhantomCase:
+    """One T1 post-contrast brain with 1–5 metastases and its RT dose."""
+    nx, ny, nz = size_xyz or DEFAULT_SIZE_XYZ
+    spacing_xy = float(np.clip(rng.uniform(220, 250) / nx, 0.5, 1.2))
+    spacing_z = float(rng.choice([1.0, 1.5, 3.0, 5.0], p=[0.45, 0.15, 0.15, 0.25]))
+    geometry = centred_geometry((nz, ny, nx), (spacing_xy, spacing_xy, spacing_z), rng.uniform(-20, 20))
+    tissues = head_tissues(rng, geometry)
+    image = compose(tissues, T1_VALUES, air=0.0)
+    noise_sd = float(rng.uniform(12, 35))
+    region = (tissues["wm"] + tissues["gm"]) > 0.95
+    mask, records = insert_metastases(
+        rng, image, geometry, region, T1_VALUES["wm"], noise_sd, int(rng.integers(1, 6))
+    )
+    image *= bias_field(rng, image.shape, rng.uniform(0.05, 0.2))
+    add_noise(rng, image, noise_sd, rician=True)
+    mask_volume = geometry.with_array(mask)
+    dose = dose_for_targets(rng, mask_volume, [r.lesion_id for r in records if r.extra.get("treated")])
+    return PhantomCase(
+        TASK,
+        geometry.with_array(np.clip(np.rint(image), 0, 4095).astype(np.int16), modality="MR"),
+        mask_volume,
+        records,
+        abnormal=bool(records),
+        info={"noise_sd": noise_sd, "units": "a.u. (T1 post-contrast)"},
+        extras={"dose": dose},
+    )

@@ -1,0 +1,152 @@
+"""What every generator returns, and the small numerical helpers they share.
+
+A :class:`PhantomCase` holds the image, the exact label map on the image grid (voxel value =
+lesion_id, 0 = background), one :class:`LesionRecord` per painted lesion, and non-identifying facts
+about how it was made (noise sd, spacing choice, hard negatives) for tests and documentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from services.core.volume import Volume
+from training.data.painting import BlendMode, blend, overlaps, paint_label
+from training.data.shapes import LesionShape, Profile, rasterize
+
+
+@dataclass
+class LesionRecord:
+    """One painted lesion: its id in the mask, its kind, and the nominal contrast it was drawn with."""
+
+    lesion_id: int
+    lesion_type: str
+    shape: LesionShape
+    contrast_sd: float  # |lesion − background| / noise sd, as designed (the test re-measures it)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PhantomCase:
+    """One generated case. ``extras`` holds additional volumes (e.g. the RT dose grid)."""
+
+    task: str
+    image: Volume
+    mask: Volume
+    lesions: list[LesionRecord]
+    abnormal: bool
+    info: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Volume] = field(default_factory=dict)
+
+
+def centred_geometry(
+    shape_zyx: tuple[int, int, int], spacing_xyz: tuple[float, float, float], z_centre_mm: float = 0.0
+) -> Volume:
+    """An axial LPS grid centred on the patient axis (identity direction), as scanners reconstruct."""
+    nz, ny, nx = shape_zyx
+    origin = (
+        -(nx - 1) / 2 * spacing_xyz[0],
+        -(ny - 1) / 2 * spacing_xyz[1],
+        z_centre_mm - (nz - 1) / 2 * spacing_xyz[2],
+    )
+    # A zero-stride placeholder array: the grid carries geometry only, no memory.
+    return Volume(np.broadcast_to(np.zeros((), dtype=np.uint8), shape_zyx), spacing_xyz, origin)
+
+
+def axis_coordinates_mm(geometry: Volume) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """World x, y, z of voxel centres as broadcastable (1,1,nx), (1,ny,1), (nz,1,1) float32 arrays.
+
+    Valid for the identity-direction grids the synthetic generators use; cheap to combine into
+    analytic anatomy without materialising a (z, y, x, 3) coordinate array.
+    """
+    nz, ny, nx = geometry.array.shape
+    ox, oy, oz = geometry.origin
+    sx, sy, sz = geometry.spacing
+    x = (ox + sx * np.arange(nx, dtype=np.float64)).astype(np.float32)[None, None, :]
+    y = (oy + sy * np.arange(ny, dtype=np.float64)).astype(np.float32)[None, :, None]
+    z = (oz + sz * np.arange(nz, dtype=np.float64)).astype(np.float32)[:, None, None]
+    return x, y, z
+
+
+def _gaussian_interpolation(n_out: int, n_coarse: int) -> np.ndarray:
+    """(n_out × n_coarse) smooth interpolation weights: rows sum to 1."""
+    if n_coarse == 1:
+        return np.ones((n_out, 1), dtype=np.float32)
+    positions = np.linspace(0, n_coarse - 1, n_out)[:, None]
+    weights = np.exp(-0.5 * ((positions - np.arange(n_coarse)[None, :]) / 0.7) ** 2)
+    return (weights / weights.sum(1, keepdims=True)).astype(np.float32)
+
+
+def smooth_field(
+    rng: np.random.Generator, shape_zyx: tuple[int, ...], coarse_zyx: tuple[int, int, int]
+) -> np.ndarray:
+    """Zero-mean, unit-sd low-frequency random field (texture, bias field) on the full grid.
+
+    Built from a coarse random grid by separable smooth interpolation (three small matrix products),
+    which costs a fraction of a full-volume Gaussian filter.
+    """
+    coarse = rng.standard_normal(coarse_zyx).astype(np.float32)
+    mz, my, mx = (_gaussian_interpolation(n, c) for n, c in zip(shape_zyx, coarse_zyx, strict=True))
+    field_ = np.einsum("zyx,Xx->zyX", coarse, mx)
+    field_ = np.einsum("zyX,Yy->zYX", field_, my)
+    field_ = np.tensordot(mz, field_, axes=(1, 0))
+    field_ -= field_.mean()
+    sd = field_.std()
+    return (field_ / sd if sd > 0 else field_).astype(np.float32)
+
+
+def bias_field(rng: np.random.Generator, shape_zyx: tuple[int, ...], strength: float) -> np.ndarray:
+    """Multiplicative MR receive-coil inhomogeneity: 1 ± ``strength``, very smooth."""
+    return (1.0 + strength * np.tanh(smooth_field(rng, shape_zyx, (2, 3, 3)))).astype(np.float32)
+
+
+def add_noise(rng: np.random.Generator, image: np.ndarray, sd: float, *, rician: bool = False) -> None:
+    """Add white noise in place (Rician magnitude noise for MR, Gaussian otherwise)."""
+    noise = rng.standard_normal(image.shape, dtype=np.float32)
+    noise *= np.float32(sd)
+    if rician:
+        imag = rng.standard_normal(image.shape, dtype=np.float32)
+        imag *= np.float32(sd)
+        image += noise
+        np.hypot(image, imag, out=image)
+    else:
+        image += noise
+
+
+def place_lesion(
+    rng: np.random.Generator,
+    shape: LesionShape,
+    geometry: Volume,
+    image: np.ndarray,
+    mask: np.ndarray,
+    lesion_id: int,
+    profile: Profile,
+    *,
+    margin: float = 0.0,
+    mode: BlendMode = "replace",
+) -> bool:
+    """Rasterise, refuse if it touches another lesion, then blend and paint. True when painted."""
+    raster = rasterize(shape, geometry, margin=margin, profile=profile)
+    if raster is None or overlaps(raster, mask, clearance=0.05):
+        return False
+    if paint_label(mask, raster, lesion_id) == 0:
+        return False
+    blend(image, raster, mode)
+    return True
+
+
+def choose_point(rng: np.random.Generator, region: np.ndarray, geometry: Volume) -> np.ndarray | None:
+    """A random voxel centre (world mm) of a boolean region on the grid; None when it is empty."""
+    flat = np.flatnonzero(region)
+    if flat.size == 0:
+        return None
+    k, j, i = np.unravel_index(int(flat[rng.integers(flat.size)]), region.shape)
+    jitter = rng.uniform(-0.5, 0.5, 3)
+    return geometry.index_to_world(np.array([i, j, k], dtype=float) + jitter)
+
+
+def log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    """Lesion sizes: small lesions are more common than large ones, as in screening cohorts."""
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
