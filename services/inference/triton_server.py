@@ -22,6 +22,7 @@ Facts this module encodes (each one cost a failed start to find):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -151,6 +152,13 @@ def build_cpu_twin(
     return names
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: new session, and SIGTERM when the parent dies (no orphaned servers)."""
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:
@@ -242,7 +250,7 @@ class TritonServer:
             env=self.environment(),
             stdout=log_handle,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop() also ends the python-backend stubs
+            preexec_fn=_die_with_parent,  # own process group, so stop() also ends the python-backend stubs
         )
         log_handle.close()
         deadline = time.monotonic() + timeout_s
