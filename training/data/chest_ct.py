@@ -37,7 +37,7 @@ LUNG_HU = -870.0
 
 def _soft(distance_inside_mm: np.ndarray, ramp_mm: float) -> np.ndarray:
     """Partial-volume fraction from an (approximate) signed distance to a surface, inside > 0."""
-    return np.clip(0.5 + distance_inside_mm / ramp_mm, 0.0, 1.0)
+    return np.clip(0.5 + distance_inside_mm / np.float32(ramp_mm), 0.0, 1.0).astype(np.float32, copy=False)
 
 
 def _ellipse_fraction(x, y, cx, cy, ax, ay, ramp_mm):
@@ -47,7 +47,11 @@ def _ellipse_fraction(x, y, cx, cy, ax, ay, ramp_mm):
 
 
 def _blend(base: np.ndarray, value, weight: np.ndarray) -> np.ndarray:
-    return base + (value - base) * weight
+    """base + (value − base)·weight, in place and in float32 (the hot loop of the anatomy)."""
+    delta = np.subtract(value, base, dtype=np.float32)
+    delta *= weight.astype(np.float32, copy=False)
+    base += delta
+    return base
 
 
 def chest_anatomy(rng: np.random.Generator, geometry: Volume) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -65,7 +69,7 @@ def chest_anatomy(rng: np.random.Generator, geometry: Volume) -> tuple[np.ndarra
     lung_cy = yc + b * rng.uniform(-0.05, 0.08)
 
     body = _ellipse_fraction(x, y, 0.0, yc, a, b, ramp)
-    tissue = np.full(body.shape, -100.0, dtype=np.float32)  # subcutaneous fat
+    tissue = np.full(geometry.array.shape, -100.0, dtype=np.float32)  # subcutaneous fat
     tissue = _blend(tissue, 45.0, _ellipse_fraction(x, y, 0.0, yc, a * 0.92, b * 0.9, ramp))
     # Ribs: a sloping banded annulus (each rib crosses the slice obliquely, so bands drift with angle).
     r_body = np.sqrt((x / a) ** 2 + ((y - yc) / b) ** 2)
