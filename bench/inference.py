@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -202,6 +203,9 @@ def main() -> int:
     parser.add_argument("--model", help="benchmark this model of --repository instead of the toy net")
     parser.add_argument("--repository", type=Path, default=None)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--skip-triton", action="store_true", help="embedded and torch only (a machine without tritonserver)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="wlcad-bench-") as tmp:
@@ -231,20 +235,19 @@ def main() -> int:
             flush=True,
         )
         print("latency/throughput (embedded = onnxruntime in-process; triton = tritonserver CPU twin, gRPC):")
-        with (
-            TritonServer(repository, workdir=Path(tmp) / "batching_on") as batching_on,
-            TritonServer(
-                repository, dynamic_batching=False, workdir=Path(tmp) / "batching_off"
-            ) as batching_off,
-        ):
+        with contextlib.ExitStack() as servers:
+            urls = {}
+            if not args.skip_triton:
+                for label, batching in (("triton batching on", True), ("triton batching off", False)):
+                    workdir = Path(tmp) / label.replace(" ", "_")
+                    server = TritonServer(repository, dynamic_batching=batching, workdir=workdir)
+                    urls[label] = servers.enter_context(server).grpc_url
 
             async def run_all() -> list[Result]:
-                async with (
-                    EmbeddedBackend(repository) as embedded,
-                    TritonBackend(batching_on.grpc_url) as on,
-                    TritonBackend(batching_off.grpc_url) as off,
-                ):
-                    backends = {"embedded": embedded, "triton batching on": on, "triton batching off": off}
+                async with contextlib.AsyncExitStack() as stack:
+                    backends = {"embedded": await stack.enter_async_context(EmbeddedBackend(repository))}
+                    for label, url in urls.items():
+                        backends[label] = await stack.enter_async_context(TritonBackend(url))
                     return await _compare(backends, model, args.duration, args.rounds)
 
             results = asyncio.run(run_all())
@@ -262,18 +265,20 @@ def main() -> int:
             print("  only for the toy net (a repository model has no torch twin here)")
 
     by = {(r.name, r.concurrency): r for r in results}
-    on, off = by[("triton batching on", 16)], by[("triton batching off", 16)]
-    summary = {"triton_dynamic_batching_speedup_c16": on.throughput_rps / off.throughput_rps}
+    summary = {}
     print("summary:")
-    print(
-        f"  triton dynamic batching at concurrency 16: {summary['triton_dynamic_batching_speedup_c16']:.2f}× "
-        f"throughput (goal ≥ 1.5×)"
-    )
-    for c in CONCURRENCY:
-        e, t = by[("embedded", c)], by[("triton batching on", c)]
+    if not args.skip_triton:
+        on, off = by[("triton batching on", 16)], by[("triton batching off", 16)]
+        summary["triton_dynamic_batching_speedup_c16"] = on.throughput_rps / off.throughput_rps
         print(
-            f"  concurrency {c:>2}: embedded {e.throughput_rps:7.1f} req/s vs triton {t.throughput_rps:7.1f} req/s"
+            f"  triton dynamic batching at concurrency 16: {summary['triton_dynamic_batching_speedup_c16']:.2f}× "
+            f"throughput (goal ≥ 1.5×)"
         )
+        for c in CONCURRENCY:
+            e, t = by[("embedded", c)], by[("triton batching on", c)]
+            print(
+                f"  concurrency {c:>2}: embedded {e.throughput_rps:7.1f} req/s vs triton {t.throughput_rps:7.1f} req/s"
+            )
     if versus:
         summary["onnxruntime_vs_torch_speedup_batch1"] = versus["batch1"]["speedup"]
         summary["onnxruntime_vs_torch_speedup_batch8"] = versus["batch8"]["speedup"]
