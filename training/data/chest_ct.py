@@ -32,7 +32,7 @@ DEFAULT_SIZE_XYZ = (256, 256, 128)
 SLICE_THICKNESSES_MM = (0.625, 1.0, 1.25, 2.0, 2.5, 5.0)
 NODULE_TYPES = ("solid", "part-solid", "ground-glass", "juxta-pleural", "juxta-vascular")
 _TYPE_WEIGHTS = (0.3, 0.15, 0.15, 0.2, 0.2)
-LUNG_HU = -870.0
+LUNG_HU = -850.0
 
 
 def _soft(distance_inside_mm: np.ndarray, ramp_mm: float) -> np.ndarray:

@@ -157,7 +157,7 @@ def random_shape(
         ratios[2] = ratios[1]
     if family in ("lobulated", "irregular", "spiculated"):
         n_lobes = int(rng.integers(3, 7))
-        total = {"lobulated": rng.uniform(0.2, 0.35), "irregular": rng.uniform(0.1, 0.25)}.get(
+        total = {"lobulated": rng.uniform(0.25, 0.4), "irregular": rng.uniform(0.1, 0.25)}.get(
             family, rng.uniform(0.05, 0.12)
         )
         amp = rng.dirichlet(np.ones(n_lobes)) * total
