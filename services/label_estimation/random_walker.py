@@ -1,7 +1,7 @@
 """Classic baseline: scikit-image's random walker seeded inside and outside the stated sphere.
 
 It runs on the same size-normalised VOI as the U-Net (isotropic voxels, so thick slices do not
-bias the walk), seeded with the inner quarter of the sphere as lesion and everything beyond 1.5×
+bias the walk), seeded with the inner 40 % of the sphere as lesion and everything beyond 1.3×
 its radius as background; the probability map goes back onto the image grid like the U-Net's.
 """
 
@@ -20,8 +20,8 @@ from services.label_estimation.voi import LESION_FRACTION, extract_voi, probabil
 
 #: The VOI edge for the walker: smaller than the U-Net's, the CG solver's cost grows with voxels.
 WALKER_VOI_SIZE = 32
-INNER_SEED_FRACTION = 0.25
-OUTER_SEED_FRACTION = 1.5
+INNER_SEED_FRACTION = 0.4
+OUTER_SEED_FRACTION = 1.3
 BETA = 130.0
 
 

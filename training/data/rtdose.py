@@ -163,26 +163,3 @@ def write_rtdose(dose: Volume, path: Path, *, uid_seed: str, referenced_frame_ui
     ds.save_as(temporary, enforce_file_format=True)
     temporary.replace(path)
     return path
-
-
-def read_rtdose(path: Path) -> Volume:
-    """Read an RT Dose written here (or by a planning system with an axial grid) back to Gy."""
-    ds = pydicom.dcmread(path)
-    array = ds.pixel_array.astype(np.float64) * float(ds.DoseGridScaling)
-    if array.ndim == 2:
-        array = array[None]
-    row, col = (
-        np.asarray(ds.ImageOrientationPatient[:3], float),
-        np.asarray(ds.ImageOrientationPatient[3:], float),
-    )
-    offsets = np.asarray(ds.GridFrameOffsetVector, float)
-    dz = float(offsets[1] - offsets[0]) if len(offsets) > 1 else float(ds.get("SliceThickness", 1.0))
-    spacing = (float(ds.PixelSpacing[1]), float(ds.PixelSpacing[0]), dz)
-    direction = np.stack([row, col, np.cross(row, col)], axis=1)
-    return Volume(
-        array.astype(np.float32),
-        spacing,
-        tuple(float(v) for v in ds.ImagePositionPatient),
-        direction,
-        {"modality": "RTDOSE"},
-    )

@@ -1,165 +1,24 @@
-"""Weak labels read off an exact label map the way a radiologist records them.
+"""Weak labels of phantom lesions and the sphere-label Dice the realism bars are judged by.
 
-Per lesion: centre of mass (world LPS mm), maximum 3D diameter, the longest axial diameter and the
-longest diameter perpendicular to it on the same slice (RECIST-like), and the volume. Diameters are
-edge to edge: the distance between the farthest voxel centres plus the voxel's own extent along that
-line — what calipers on a screen measure, and why thick slices inflate the craniocaudal size.
+The measurements themselves (centre of mass in LPS mm, edge-to-edge maximum 3D diameter, RECIST-like
+axial pair, volume) live in :mod:`services.core.lesion_measurements`, the same code that measures
+estimated masks in serving, so a phantom's weak label and a served mask are measured alike. The
+sphere label is serving's :func:`services.label_estimation.shapes.sphere_mask`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
 
+from services.core.lesion_measurements import WeakLabel, dice, measure_lesion, weak_labels_from_mask
 from services.core.volume import Volume
+from services.label_estimation.prompt import LesionPrompt
+from services.label_estimation.shapes import sphere_mask
 
-
-@dataclass(frozen=True)
-class WeakLabel:
-    """What a reader writes down for one lesion (all in mm, world LPS)."""
-
-    lesion_id: int
-    center_mm: tuple[float, float, float]
-    diameter_mm: float
-    axial_long_mm: float
-    axial_short_mm: float
-    volume_mm3: float
-    n_voxels: int
-
-
-def _hull_points(points: np.ndarray) -> np.ndarray:
-    """The convex-hull vertices (fewer pairs to compare); all points when the hull is degenerate."""
-    if len(points) < 5:
-        return points
-    dims = points.shape[1]
-    spread = points.max(0) - points.min(0)
-    keep = spread > 1e-6
-    if keep.sum() < dims:
-        if keep.sum() <= 1:
-            return (
-                points[[int(np.argmin(points @ keep)), int(np.argmax(points @ keep))]]
-                if keep.any()
-                else points[:1]
-            )
-        sub = points[:, keep]
-        try:
-            return points[ConvexHull(sub).vertices]
-        except QhullError:
-            return points
-    try:
-        return points[ConvexHull(points).vertices]
-    except QhullError:
-        return points
-
-
-def _max_caliper(points_mm: np.ndarray, voxel_step: np.ndarray) -> tuple[float, np.ndarray]:
-    """Longest edge-to-edge distance through a point set and its unit direction.
-
-    ``voxel_step`` (3×3, columns = world step of one voxel along i, j, k) gives each voxel's extent
-    along the measured line.
-    """
-    hull = _hull_points(points_mm)
-    if len(hull) < 2:
-        extent = np.linalg.norm(voxel_step, axis=0)
-        axis = int(np.argmax(extent[:2])) if voxel_step.shape[1] > 1 else 0
-        return float(extent[axis]), voxel_step[:, axis] / extent[axis]
-    diff = hull[:, None, :] - hull[None, :, :]
-    dist = np.sqrt((diff**2).sum(-1))
-    a, b = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    length = float(dist[a, b])
-    direction = diff[a, b] / max(length, 1e-9)
-    extent = float(np.abs(direction @ voxel_step).sum())
-    return length + extent, direction
-
-
-def _boundary(region: np.ndarray) -> np.ndarray:
-    """Surface voxels only: the farthest pair always lies on the surface."""
-    if region.sum() < 64:
-        return region
-    return region & ~ndimage.binary_erosion(region)
-
-
-def measure_lesion(
-    mask_region: np.ndarray, offset_zyx: tuple[int, int, int], geometry: Volume, lesion_id: int
-) -> WeakLabel:
-    """Weak label of one lesion from its boolean region (a box of the label map at ``offset_zyx``)."""
-    step = geometry.direction * np.asarray(geometry.spacing)[None, :]
-    kji = np.argwhere(mask_region) + np.asarray(offset_zyx)
-    centre_idx = kji.mean(0)[::-1]
-    center_mm = geometry.index_to_world(centre_idx)
-    surface = np.argwhere(_boundary(mask_region)) + np.asarray(offset_zyx)
-    diameter, _ = _max_caliper(geometry.index_to_world(surface[:, ::-1].astype(float)), step)
-    # Axial (in-plane) measurements, slice by slice: RECIST long axis and its perpendicular.
-    best_long, best_short = 0.0, 0.0
-    for z in np.unique(kji[:, 0]):
-        in_slice = kji[kji[:, 0] == z][:, 1:][:, ::-1].astype(float)  # (i, j)
-        pts = in_slice @ step[:2, :2].T  # in-plane mm (x, y)
-        long_len, direction = _max_caliper(pts, step[:2, :2])
-        if long_len > best_long:
-            perp = np.array([-direction[1], direction[0]])
-            proj = pts @ perp
-            short = float(proj.max() - proj.min()) + float(np.abs(perp @ step[:2, :2]).sum())
-            best_long, best_short = long_len, min(short, long_len)
-    n = len(kji)
-    return WeakLabel(
-        lesion_id=lesion_id,
-        center_mm=(float(center_mm[0]), float(center_mm[1]), float(center_mm[2])),
-        diameter_mm=float(diameter),
-        axial_long_mm=float(best_long),
-        axial_short_mm=float(best_short),
-        volume_mm3=float(n * geometry.voxel_volume_mm3),
-        n_voxels=n,
-    )
-
-
-def weak_labels_from_mask(mask: Volume) -> list[WeakLabel]:
-    """One weak label per lesion id present in the label map, in id order."""
-    labels = np.asarray(mask.array)
-    boxes = ndimage.find_objects(labels.astype(np.int32))
-    out = []
-    for index, box in enumerate(boxes):
-        if box is None:
-            continue
-        lesion_id = index + 1
-        region = labels[box] == lesion_id
-        out.append(measure_lesion(region, tuple(s.start for s in box), mask, lesion_id))
-    return out
-
-
-def sphere_label(geometry: Volume, center_mm: np.ndarray, diameter_mm: float) -> np.ndarray:
-    """The weak 'sphere' label: voxels whose centre lies within diameter/2 of the centre.
-
-    On a single-slice radiograph it is the circle in the image plane.
-    """
-    radius = diameter_mm / 2.0
-    index = geometry.world_to_index(np.asarray(center_mm, dtype=float))
-    reach = radius / np.asarray(geometry.spacing)
-    lo = np.maximum(np.floor(index - reach).astype(int), 0)
-    hi = np.minimum(np.ceil(index + reach).astype(int) + 1, np.asarray(geometry.shape_xyz))
-    out = np.zeros(geometry.array.shape, dtype=bool)
-    if np.any(hi <= lo):
-        return out
-    kk_, jj_, ii_ = np.meshgrid(*(np.arange(lo[a], hi[a]) for a in (2, 1, 0)), indexing="ij")
-    world = geometry.index_to_world(np.stack([ii_, jj_, kk_], axis=-1).astype(float))
-    delta = world - np.asarray(center_mm, dtype=float)
-    if geometry.array.shape[0] == 1:
-        delta[..., 2] = 0.0
-    out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]] = (delta**2).sum(-1) <= radius**2
-    return out
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean arrays (1.0 when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+__all__ = ["WeakLabel", "dice", "measure_lesion", "sphere_dice", "weak_labels_from_mask"]
 
 
 def sphere_dice(mask: Volume, lesion_id: int, label: WeakLabel) -> float:
     """Dice between the sphere label from (centre, max diameter) and the lesion's exact mask."""
-    return dice(
-        sphere_label(mask, np.asarray(label.center_mm), label.diameter_mm),
-        np.asarray(mask.array) == lesion_id,
-    )
+    sphere = sphere_mask(mask, LesionPrompt(label.center_mm, label.diameter_mm, lesion_id))
+    return dice(sphere.full(), np.asarray(mask.array) == lesion_id)

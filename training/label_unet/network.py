@@ -1,0 +1,44 @@
+"""The generic lesion segmenter: MONAI's residual 3D U-Net, small enough for CPU serving (< 50 ms)."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from monai.networks.nets import UNet
+
+from services.label_estimation.unet import INPUT_NAME, OUTPUT_NAME
+from services.label_estimation.voi import VOI_SIZE
+
+CHANNELS = (16, 32, 64, 128)
+
+
+def build_network(channels: tuple[int, ...] = CHANNELS) -> torch.nn.Module:
+    return UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=channels,
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=1,
+        norm="instance",
+        dropout=0.0,
+    )
+
+
+def export_onnx(network: torch.nn.Module) -> bytes:
+    """ONNX with a dynamic batch axis and the tensor names the serving pipeline uses."""
+    network = network.eval().cpu()
+    example = torch.zeros(1, 1, VOI_SIZE, VOI_SIZE, VOI_SIZE)
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        network,
+        (example,),
+        buffer,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    return buffer.getvalue()
