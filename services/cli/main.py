@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from services.cli import (
     data_cmd,
@@ -20,6 +21,7 @@ from services.cli import (
     inspect_cmd,
     models_cmd,
     phantom_cmd,
+    serve_cmd,
     train_cmd,
     triton_cmd,
 )
@@ -29,7 +31,7 @@ from services.core.errors import InputError
 EXIT_INPUT_ERROR = 2
 EXIT_INTERNAL_ERROR = 70
 
-_COMMANDS = (info_cmd, inspect_cmd, data_cmd, phantom_cmd, estimate_cmd, train_cmd, models_cmd, triton_cmd)
+_COMMANDS = (info_cmd, inspect_cmd, data_cmd, phantom_cmd, estimate_cmd, train_cmd, models_cmd, triton_cmd, serve_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OWN_CODE = str(Path(__file__).resolve().parents[2])
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"wlcad: warning: {message}", file=sys.stderr)
+    """Print wlcad's own warnings; drop third-party ones, which may quote DICOM values (patient names)."""
+    if str(filename).startswith(_OWN_CODE) and "site-packages" not in str(filename):
+        print(f"wlcad: warning: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

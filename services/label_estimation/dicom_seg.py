@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from services.core.errors import InputError
+from services.core.io.dicom import instance_uid
 from services.core.volume import Volume
 
 MANUFACTURER = "wlcad"
@@ -39,16 +41,26 @@ def _source_datasets(series_folder: Path, volume: Volume) -> list[pydicom.Datase
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # other files in the folder are not ours to judge
             continue
-        by_uid[str(ds.get("SOPInstanceUID", ""))] = ds
+        by_uid[instance_uid(ds)] = ds
     missing = [uid for uid in uids if uid not in by_uid]
     if missing:
         raise InputError(
             f"{len(missing)} source instances are no longer in {series_folder.name}", field="seg"
         )
     datasets = [by_uid[uid] for uid in uids]
-    for ds in datasets:  # some exporters leave SOPClassUID only in the file meta
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        if not datasets[0].get(keyword):
+            raise InputError(
+                f"the source images have no {keyword} (anonymised?), so a SEG cannot reference them",
+                field="seg",
+            )
+    for ds in datasets:  # some anonymisers leave the UIDs only in the file meta
         if not ds.get("SOPClassUID"):
             ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        if not ds.get("SOPInstanceUID"):
+            ds.SOPInstanceUID = instance_uid(ds)
+        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+            del ds.SpecificCharacterSet  # empty means the default repertoire; highdicom wants it absent
     return datasets
 
 
@@ -87,7 +99,27 @@ def write_seg(
         )
     if not descriptions:
         raise InputError("no lesion to write", field="seg")
-    seg = hd.seg.Segmentation(
+    # pydicom/highdicom warnings quote attribute values (patient names included): never let them out.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seg = _segmentation(datasets, segment_map, descriptions, software_version)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+    os.close(handle)
+    try:
+        seg.save_as(temporary)
+        os.replace(temporary, out_path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def _segmentation(
+    datasets: list, segment_map: np.ndarray, descriptions: list, software_version: str
+) -> hd.seg.Segmentation:
+    return hd.seg.Segmentation(
         source_images=datasets,
         pixel_array=segment_map,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -103,14 +135,3 @@ def write_seg(
         series_description="wlcad lesion labels",
         omit_empty_frames=True,
     )
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    os.close(handle)
-    try:
-        seg.save_as(temporary)
-        os.replace(temporary, out_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return out_path

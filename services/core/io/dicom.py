@@ -140,6 +140,14 @@ def _metadata(dataset: Dataset) -> dict[str, Any]:
     return meta
 
 
+def instance_uid(dataset: Dataset) -> str:
+    """SOPInstanceUID, falling back to the file meta's copy (some anonymisers blank the data set's)."""
+    uid = str(dataset.get("SOPInstanceUID") or "")
+    if not uid and getattr(dataset, "file_meta", None) is not None:
+        uid = str(dataset.file_meta.get("MediaStorageSOPInstanceUID") or "")
+    return uid
+
+
 def _frames_from_single_frame_files(datasets: Sequence[tuple[Path, Dataset]]) -> list[_Frame]:
     frames = []
     for path, ds in datasets:
@@ -163,7 +171,7 @@ def _frames_from_single_frame_files(datasets: Sequence[tuple[Path, Dataset]]) ->
                 row_cosine=orientation[:3],
                 column_cosine=orientation[3:],
                 pixel_spacing=(float(spacing[0]), float(spacing[1])),
-                sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                sop_instance_uid=instance_uid(ds),
                 thickness_mm=float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None,
             )
         )
@@ -221,7 +229,7 @@ def _frames_from_enhanced(path: Path, ds: Dataset) -> list[_Frame]:
                 row_cosine=orientation_arr[:3],
                 column_cosine=orientation_arr[3:],
                 pixel_spacing=(float(spacing_arr[0]), float(spacing_arr[1])),
-                sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                sop_instance_uid=instance_uid(ds),
                 thickness_mm=float(thickness) if thickness not in (None, "") else None,
             )
         )
