@@ -31,7 +31,17 @@ from services.core.errors import InputError
 EXIT_INPUT_ERROR = 2
 EXIT_INTERNAL_ERROR = 70
 
-_COMMANDS = (info_cmd, inspect_cmd, data_cmd, phantom_cmd, estimate_cmd, train_cmd, models_cmd, triton_cmd, serve_cmd)
+_COMMANDS = (
+    info_cmd,
+    inspect_cmd,
+    data_cmd,
+    phantom_cmd,
+    estimate_cmd,
+    train_cmd,
+    models_cmd,
+    triton_cmd,
+    serve_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,149 @@
+"""Volume ↔ ``wlcad.v1.Volume`` and masks ↔ ``PackedMask``, validating every field on the way in.
+
+Field names in errors are the request's proto paths (``image.volume.shape_xyz``,
+``lesions[2].center_mm``) so a client can tell exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from services.api import limits
+from services.api.pb import image_pb2, label_estimation_pb2
+from services.core.errors import InputError
+from services.core.volume import Volume
+from services.label_estimation.prompt import LesionPrompt
+
+#: The voxel types a volume may travel as, by their numpy name.
+DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+
+
+def _finite_triplet(values: Sequence[float], field: str, default=None, positive: bool = False):
+    if len(values) == 0 and default is not None:
+        return default
+    if len(values) != 3:
+        raise InputError(f"needs 3 numbers, got {len(values)}", field=field)
+    if not all(math.isfinite(v) for v in values):
+        raise InputError(f"must be finite, got {list(values)}", field=field)
+    if positive and min(values) <= 0:
+        raise InputError(f"must be > 0, got {list(values)}", field=field)
+    return tuple(float(v) for v in values)
+
+
+def volume_header(
+    message: image_pb2.Volume, field: str = "image.volume"
+) -> tuple[np.dtype, tuple[int, int, int]]:
+    """Validated dtype and shape_xyz, and the exact byte count they imply (checked before any allocation)."""
+    if message.dtype not in DTYPES:
+        raise InputError(
+            f"must be one of {', '.join(DTYPES)}, got {message.dtype[:32]!r}", field=f"{field}.dtype"
+        )
+    shape = tuple(int(v) for v in message.shape_xyz)
+    if len(shape) != 3:
+        raise InputError(f"needs 3 numbers (x, y, z), got {len(shape)}", field=f"{field}.shape_xyz")
+    if min(shape) < 1:
+        raise InputError(f"every size must be >= 1, got {list(shape)}", field=f"{field}.shape_xyz")
+    if math.prod(shape) > limits.MAX_VOXELS:
+        raise InputError(
+            f"{list(shape)} is {math.prod(shape)} voxels, above the limit of {limits.MAX_VOXELS}",
+            field=f"{field}.shape_xyz",
+        )
+    return np.dtype(message.dtype).newbyteorder("<"), shape  # type: ignore[return-value]
+
+
+def expected_bytes(message: image_pb2.Volume, field: str = "image.volume") -> int:
+    dtype, shape = volume_header(message, field)
+    return math.prod(shape) * dtype.itemsize
+
+
+def volume_from_proto(
+    message: image_pb2.Volume, data: bytes | bytearray | memoryview | None = None, field: str = "image.volume"
+) -> Volume:
+    """A Volume viewing the message's bytes (no copy). ``data`` replaces ``message.data`` for uploads."""
+    dtype, shape = volume_header(message, field)
+    raw = message.data if data is None else data
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) != expected:
+        raise InputError(
+            f"has {len(raw)} bytes; {message.dtype} × {list(shape)} needs {expected}", field=f"{field}.data"
+        )
+    spacing = _finite_triplet(message.spacing_mm, f"{field}.spacing_mm", positive=True)
+    origin = _finite_triplet(message.origin_mm, f"{field}.origin_mm", default=(0.0, 0.0, 0.0))
+    if len(message.direction) not in (0, 9):
+        raise InputError(
+            f"needs 9 numbers (row-major 3×3), got {len(message.direction)}", field=f"{field}.direction"
+        )
+    direction = np.asarray(message.direction, dtype=float).reshape(3, 3) if message.direction else np.eye(3)
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape[::-1])
+    if dtype.kind == "f" and not np.isfinite(array).all():
+        raise InputError("float voxels must be finite (no NaN/inf)", field=f"{field}.data")
+    if dtype.byteorder not in ("=", "|") and not np.little_endian:  # pragma: no cover - big-endian hosts
+        array = array.astype(dtype.newbyteorder("="))
+    metadata = {"modality": message.modality[:16]} if message.modality else {}
+    try:
+        return Volume(array, spacing, origin, direction, metadata)
+    except InputError as exc:
+        raise InputError(exc.message, field=f"{field}.{exc.field}" if exc.field else field) from exc
+
+
+def volume_to_proto(volume: Volume, with_data: bool = True) -> image_pb2.Volume:
+    """The wire form; ``with_data=False`` gives the geometry only (the grid a result refers to)."""
+    array = volume.array
+    if array.dtype.name not in DTYPES:
+        array = array.astype(np.float32)
+    message = image_pb2.Volume(
+        dtype=array.dtype.name,
+        shape_xyz=list(volume.shape_xyz),
+        spacing_mm=list(volume.spacing),
+        origin_mm=list(volume.origin),
+        direction=[float(v) for v in np.asarray(volume.direction).ravel()],
+        modality=str(volume.metadata.get("modality", "") or ""),
+    )
+    if with_data:
+        message.data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    return message
+
+
+def pack_mask(start_xyz: Sequence[int], mask_zyx: np.ndarray) -> image_pb2.PackedMask:
+    z, y, x = mask_zyx.shape
+    bits = np.packbits(np.ascontiguousarray(mask_zyx, dtype=bool).ravel(), bitorder="big").tobytes()
+    return image_pb2.PackedMask(start_xyz=[int(v) for v in start_xyz], size_xyz=[x, y, z], bits=bits)
+
+
+def unpack_mask(message: image_pb2.PackedMask) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(start_xyz, bool mask z,y,x) of a packed mask."""
+    if len(message.start_xyz) != 3 or len(message.size_xyz) != 3:
+        raise InputError("a packed mask needs 3 numbers in start_xyz and size_xyz", field="mask")
+    size = [int(v) for v in message.size_xyz]
+    count = math.prod(size)
+    if len(message.bits) != (count + 7) // 8:
+        raise InputError(f"has {len(message.bits)} bytes for {count} voxels", field="mask.bits")
+    bits = np.unpackbits(np.frombuffer(message.bits, dtype=np.uint8), bitorder="big", count=count)
+    start = (int(message.start_xyz[0]), int(message.start_xyz[1]), int(message.start_xyz[2]))
+    return start, bits.astype(bool).reshape(size[2], size[1], size[0])
+
+
+def prompts_from_proto(lesions: Sequence[label_estimation_pb2.LesionPrompt]) -> list[LesionPrompt]:
+    """The weak labels of a request; their fit to the image is checked by the pipeline."""
+    if not lesions:
+        raise InputError("give at least one lesion", field="lesions")
+    if len(lesions) > limits.MAX_LESIONS:
+        raise InputError(
+            f"at most {limits.MAX_LESIONS} lesions per request, got {len(lesions)}", field="lesions"
+        )
+    prompts = []
+    for index, lesion in enumerate(lesions):
+        field = f"lesions[{index}]"
+        if not 1 <= lesion.lesion_id <= 65535:
+            raise InputError(f"must be 1..65535, got {lesion.lesion_id}", field=f"{field}.lesion_id")
+        center = _finite_triplet(lesion.center_mm, f"{field}.center_mm")
+        if not math.isfinite(lesion.diameter_mm) or lesion.diameter_mm <= 0:
+            raise InputError(
+                f"must be a finite number of mm > 0, got {lesion.diameter_mm}", field=f"{field}.diameter_mm"
+            )
+        axes = _finite_triplet(lesion.axes_mm, f"{field}.axes_mm", positive=True) if lesion.axes_mm else None
+        prompts.append(LesionPrompt(center, float(lesion.diameter_mm), int(lesion.lesion_id), axes))
+    return prompts

@@ -1,0 +1,81 @@
+"""Bearer-token authentication. Tokens are stored only as SHA-256 hashes (a file or an env variable),
+so a leaked configuration does not leak a credential; comparison is constant-time.
+
+A hash line looks like ``sha256:<64 hex>``; ``wlcad serve token`` prints a new token and its hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import secrets
+from pathlib import Path
+
+from services.core.errors import InputError
+
+ENV_HASHES = "WLCAD_GATEWAY_TOKEN_HASHES"
+_PREFIX = "sha256:"
+
+
+def hash_token(token: str) -> str:
+    return _PREFIX + hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> tuple[str, str]:
+    token = secrets.token_urlsafe(32)
+    return token, hash_token(token)
+
+
+class TokenSet:
+    """The accepted token hashes."""
+
+    def __init__(self, hashes: list[str]) -> None:
+        parsed = []
+        for number, line in enumerate(hashes, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            digest = line.removeprefix(_PREFIX)
+            if (
+                not line.startswith(_PREFIX)
+                or len(digest) != 64
+                or any(c not in "0123456789abcdef" for c in digest)
+            ):
+                raise InputError(f"entry {number} is not 'sha256:<64 lowercase hex>'", field="tokens")
+            parsed.append(bytes.fromhex(digest))
+        if not parsed:
+            raise InputError("no token hashes given", field="tokens")
+        self._digests = parsed
+
+    @classmethod
+    def load(cls, path: Path | None) -> TokenSet | None:
+        """From ``path`` (one hash a line) and/or ``$WLCAD_GATEWAY_TOKEN_HASHES`` (comma-separated)."""
+        lines: list[str] = []
+        if path is not None:
+            try:
+                lines += Path(path).read_text().splitlines()
+            except OSError as exc:
+                raise InputError(f"cannot read the token file ({exc.strerror})", field="tokens-file") from exc
+        lines += [h for h in os.environ.get(ENV_HASHES, "").split(",") if h.strip()]
+        return cls(lines) if lines else None
+
+    def check(self, authorization: str | None) -> bool:
+        """True for ``Bearer <token>`` with an accepted token."""
+        if not authorization or not authorization.startswith("Bearer "):
+            return False
+        digest = hashlib.sha256(authorization[7:].strip().encode()).digest()
+        found = False
+        for accepted in self._digests:  # no early exit: time does not tell which entry matched
+            found |= hmac.compare_digest(digest, accepted)
+        return found
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

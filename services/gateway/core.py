@@ -1,0 +1,233 @@
+"""The gateway's core: admission (bounded concurrency), deadlines, retries and upstream calls.
+
+Messages pass through as bytes — the gateway never decodes a gRPC request — so its overhead does not
+grow with the image size and a new service needs no code here. The HTTP side decodes JSON and then
+goes through the same :meth:`Gateway.unary` / :meth:`Gateway.stream` as gRPC callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.api import limits
+from services.gateway.routes import ROUTES, Route
+from services.servers.observability import IN_FLIGHT, QUEUE_DEPTH, RETRIES, UPSTREAM_UP, observe
+
+COMPONENT = "gateway"
+log = logging.getLogger("wlcad.gateway")
+
+
+class GatewayError(Exception):
+    """A failure to hand to the caller as a gRPC status (and HTTP code)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_in_flight: int = 64
+    max_queue: int = 256
+    default_deadline_s: float = 60.0
+    retry_attempts: int = 4
+    retry_initial_backoff_s: float = 0.05
+    retry_max_backoff_s: float = 1.0
+
+
+class Admission:
+    """At most ``max_in_flight`` upstream calls at once and ``max_queue`` waiting; beyond that
+    RESOURCE_EXHAUSTED at once, so overload sheds instead of piling up memory and latency."""
+
+    def __init__(self, max_in_flight: int, max_queue: int) -> None:
+        self._semaphore = asyncio.Semaphore(max_in_flight)
+        self._max_queue = max_queue
+        self._waiting = 0
+
+    async def __aenter__(self) -> None:
+        if self._semaphore.locked():
+            if self._waiting >= self._max_queue:
+                raise GatewayError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "the gateway is at capacity; retry later"
+                )
+            self._waiting += 1
+            QUEUE_DEPTH.labels(COMPONENT).inc()
+            try:
+                await self._semaphore.acquire()
+            finally:
+                self._waiting -= 1
+                QUEUE_DEPTH.labels(COMPONENT).dec()
+        else:
+            await self._semaphore.acquire()
+        IN_FLIGHT.labels(COMPONENT).inc()
+
+    async def __aexit__(self, *exc_info) -> None:
+        IN_FLIGHT.labels(COMPONENT).dec()
+        self._semaphore.release()
+
+
+def channel_options() -> list[tuple[str, int]]:
+    """Big messages both ways, and quick reconnects so a restarted service is used again in ~1 s."""
+    return [
+        ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.enable_retries", 0),
+    ]
+
+
+class Gateway:
+    """Routes calls to upstreams by address (``upstreams``: route name → host:port)."""
+
+    def __init__(self, upstreams: Mapping[str, str], limits_: Limits | None = None) -> None:
+        self.limits = limits_ or Limits()
+        self.routes = {route.service: route for route in ROUTES if route.name in upstreams}
+        missing = [route.name for route in ROUTES if route.name not in upstreams]
+        if missing:
+            log.warning("no upstream address for %s: its RPCs answer UNIMPLEMENTED", ", ".join(missing))
+        self._channels = {
+            route.service: grpc.aio.insecure_channel(upstreams[route.name], options=channel_options())
+            for route in self.routes.values()
+        }
+        self._admission = Admission(self.limits.max_in_flight, self.limits.max_queue)
+        self.upstream_serving: dict[str, bool] = {route.name: False for route in self.routes.values()}
+
+    def _route(self, service: str) -> Route:
+        route = self.routes.get(service)
+        if route is None:
+            raise GatewayError(grpc.StatusCode.UNIMPLEMENTED, f"no route for {service}")
+        return route
+
+    def _deadline(self, timeout_s: float | None) -> float:
+        timeout = (
+            self.limits.default_deadline_s
+            if timeout_s is None
+            else min(timeout_s, self.limits.default_deadline_s)
+        )
+        return time.monotonic() + max(0.0, timeout)
+
+    @staticmethod
+    def _upstream_error(route: Route, error: grpc.aio.AioRpcError) -> GatewayError:
+        code = error.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return GatewayError(code, f"the {route.name} service is unavailable; retry later")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return GatewayError(code, f"the deadline passed before {route.name} answered")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Received message larger" in (
+            error.details() or ""
+        ):
+            return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "a message is larger than the size limit")
+        if code == grpc.StatusCode.UNKNOWN:
+            return GatewayError(grpc.StatusCode.INTERNAL, f"the {route.name} service failed")
+        return GatewayError(code, error.details() or code.name)
+
+    async def unary(self, service: str, rpc: str, request: bytes, timeout_s: float | None) -> bytes:
+        """One unary call; idempotent RPCs are retried with jittered back-off while UNAVAILABLE."""
+        route = self._route(service)
+        deadline = self._deadline(timeout_s)
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            async with self._admission:
+                call = self._channels[service].unary_unary(f"/{service}/{rpc}")
+                attempt = 0
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise GatewayError(
+                            grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed in the gateway"
+                        )
+                    try:
+                        response = await call(request, timeout=remaining)
+                        UPSTREAM_UP.labels(route.name).set(1)
+                        return response
+                    except grpc.aio.AioRpcError as error:
+                        retry = (
+                            error.code() == grpc.StatusCode.UNAVAILABLE
+                            and rpc in route.idempotent
+                            and attempt + 1 < self.limits.retry_attempts
+                        )
+                        if error.code() == grpc.StatusCode.UNAVAILABLE:
+                            UPSTREAM_UP.labels(route.name).set(0)
+                        if not retry:
+                            raise self._upstream_error(route, error) from None
+                    backoff = min(
+                        self.limits.retry_max_backoff_s, self.limits.retry_initial_backoff_s * 2**attempt
+                    )
+                    backoff *= random.uniform(0.5, 1.0)
+                    if time.monotonic() + backoff >= deadline:
+                        raise GatewayError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"the {route.name} service is unavailable; retry later",
+                        )
+                    RETRIES.labels(route.name, rpc).inc()
+                    attempt += 1
+                    await asyncio.sleep(backoff)
+        except GatewayError as error:
+            code = error.code.name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            observe(COMPONENT, f"{route.name}/{rpc}", code, started)
+
+    async def stream(
+        self, service: str, rpc: str, requests: AsyncIterator[bytes], timeout_s: float | None
+    ) -> bytes:
+        """A client-streaming call, forwarded message by message (never buffered whole, never retried:
+        the stream cannot be replayed; the caller retries on UNAVAILABLE)."""
+        route = self._route(service)
+        deadline = self._deadline(timeout_s)
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            async with self._admission:
+                call = self._channels[service].stream_unary(f"/{service}/{rpc}")
+                remaining = deadline - time.monotonic()
+                try:
+                    response = await call(requests, timeout=max(0.001, remaining))
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.UNAVAILABLE:
+                        UPSTREAM_UP.labels(route.name).set(0)
+                    raise self._upstream_error(route, error) from None
+                UPSTREAM_UP.labels(route.name).set(1)
+                return response
+        except GatewayError as error:
+            code = error.code.name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            observe(COMPONENT, f"{route.name}/{rpc}", code, started)
+
+    async def check_upstreams(self, timeout_s: float = 0.5) -> dict[str, bool]:
+        """grpc.health.v1 Check on every upstream; updates ``upstream_serving`` and the up gauge."""
+
+        async def one(service: str, route: Route) -> None:
+            stub = health_pb2_grpc.HealthStub(self._channels[service])
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+                serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.aio.AioRpcError:
+                serving = False
+            self.upstream_serving[route.name] = serving
+            UPSTREAM_UP.labels(route.name).set(1 if serving else 0)
+
+        await asyncio.gather(*(one(service, route) for service, route in self.routes.items()))
+        return dict(self.upstream_serving)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(channel.close() for channel in self._channels.values()))
