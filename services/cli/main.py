@@ -16,6 +16,7 @@ from pathlib import Path
 
 from services.cli import (
     data_cmd,
+    demo_cmd,
     estimate_cmd,
     info_cmd,
     inspect_cmd,
@@ -41,6 +42,7 @@ _COMMANDS = (
     models_cmd,
     triton_cmd,
     serve_cmd,
+    demo_cmd,
 )
 
 

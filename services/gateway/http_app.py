@@ -38,6 +38,11 @@ def error_response(code: grpc.StatusCode, message: str) -> JSONResponse:
     return JSONResponse({"code": code.name, "message": message}, status_code=HTTP_STATUS.get(code, 500))
 
 
+def internal_error(error: Exception) -> JSONResponse:
+    log.error("HTTP handler failure: %s", type(error).__name__)
+    return error_response(grpc.StatusCode.INTERNAL, "internal gateway error")
+
+
 def _timeout(request: Request) -> float | None:
     raw = request.headers.get(TIMEOUT_HEADER)
     if raw is None:
@@ -116,6 +121,8 @@ class _Endpoints:
                 return error_response(error.code, error.message)
             except _TooLargeError as error:
                 return JSONResponse({"code": "INVALID_ARGUMENT", "message": str(error)}, status_code=413)
+            except Exception as error:  # never a stack trace to the client
+                return internal_error(error)
 
         return endpoint
 
@@ -141,7 +148,7 @@ class _Endpoints:
                         grpc.StatusCode.INVALID_ARGUMENT,
                         f"body: not valid multipart/form-data ({type(exc).__name__})",
                     ) from exc
-                async with form:
+                try:
                     upload = form.get("file")
                     if not isinstance(upload, UploadFile):
                         raise GatewayError(
@@ -162,11 +169,15 @@ class _Endpoints:
                     raw = await self.gateway.stream(
                         route.service, binding.rpc, _file_messages(stream_class, first, upload), timeout
                     )
+                finally:
+                    await form.close()
                 return JSONResponse(_to_json(response_class.FromString(raw)))
             except GatewayError as error:
                 return error_response(error.code, error.message)
             except _TooLargeError as error:
                 return JSONResponse({"code": "INVALID_ARGUMENT", "message": str(error)}, status_code=413)
+            except Exception as error:  # never a stack trace to the client
+                return internal_error(error)
 
         return endpoint
 

@@ -1,0 +1,178 @@
+"""A small synchronous client of the wlcad.v1 API (used by ``wlcad demo``, the tests and the bench).
+
+Volumes up to :data:`UNARY_LIMIT_BYTES` go in one ``Estimate`` message; bigger ones, and image
+files, are streamed with ``EstimateUpload`` in chunks of at most 4 MiB, so the client never holds a
+second copy of a big volume.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from services.api import limits
+from services.api.convert import unpack_mask, volume_to_proto
+from services.api.pb import image_pb2
+from services.api.pb import label_estimation_pb2 as pb
+from services.api.pb import label_estimation_pb2_grpc as pb_grpc
+from services.core.volume import Volume
+from services.label_estimation.pipeline import LesionEstimate
+from services.label_estimation.prompt import LesionPrompt
+from services.label_estimation.region import LesionMask
+
+UNARY_LIMIT_BYTES = 16 * 1024 * 1024
+
+
+def channel(
+    address: str, root_ca: bytes | None = None, client_cert: tuple[bytes, bytes] | None = None
+) -> grpc.Channel:
+    options = [
+        ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
+    ]
+    if root_ca is None:
+        return grpc.insecure_channel(address, options=options)
+    key, cert = client_cert if client_cert else (None, None)
+    credentials = grpc.ssl_channel_credentials(root_ca, private_key=key, certificate_chain=cert)
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def prompt_messages(prompts: Sequence[LesionPrompt]) -> list[pb.LesionPrompt]:
+    return [
+        pb.LesionPrompt(
+            lesion_id=p.lesion_id,
+            center_mm=list(p.center_mm),
+            diameter_mm=p.diameter_mm,
+            axes_mm=list(p.axes_mm or ()),
+        )
+        for p in prompts
+    ]
+
+
+def zip_folder(folder: Path) -> bytes:
+    """A DICOM series folder as an in-memory zip (stored, DICOM pixels are often compressed already)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zipped:
+        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            zipped.write(path, path.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+def _chunks(
+    data: bytes | memoryview, size: int = limits.MAX_CHUNK_BYTES
+) -> Iterator[pb.EstimateUploadMessage]:
+    view = memoryview(data)
+    for start in range(0, len(view), size):
+        yield pb.EstimateUploadMessage(chunk=image_pb2.ImageChunk(data=bytes(view[start : start + size])))
+
+
+class LabelEstimationClient:
+    """``LabelEstimation`` over one channel (the gateway's or a service's address)."""
+
+    def __init__(self, address: str, token: str | None = None, channel_: grpc.Channel | None = None) -> None:
+        self._channel = channel_ or channel(address)
+        self._stub = pb_grpc.LabelEstimationStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> LabelEstimationClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def describe(self, timeout: float = 10.0) -> pb.ServiceDescription:
+        return self._stub.Describe(pb.DescribeRequest(), timeout=timeout, metadata=self._metadata)
+
+    def estimate_request(self, request: pb.EstimateRequest, timeout: float = 120.0) -> pb.EstimateResponse:
+        return self._stub.Estimate(request, timeout=timeout, metadata=self._metadata)
+
+    def estimate_volume(
+        self, volume: Volume, prompts: Sequence[LesionPrompt], method: str, timeout: float = 120.0
+    ) -> pb.EstimateResponse:
+        """Unary for small volumes, a chunked upload for big ones."""
+        lesions = prompt_messages(prompts)
+        if volume.array.nbytes <= UNARY_LIMIT_BYTES:
+            source = image_pb2.ImageSource(volume=volume_to_proto(volume))
+            return self.estimate_request(
+                pb.EstimateRequest(image=source, lesions=lesions, method=method), timeout
+            )
+        header = volume_to_proto(volume, with_data=False)
+        request = pb.EstimateRequest(
+            image=image_pb2.ImageSource(volume=header), lesions=lesions, method=method
+        )
+        array = np.ascontiguousarray(volume.array, dtype=volume.array.dtype.newbyteorder("<"))
+        return self.upload(request, memoryview(array).cast("B"), timeout)
+
+    def estimate_file(
+        self, path: Path, prompts: Sequence[LesionPrompt], method: str, timeout: float = 120.0
+    ) -> pb.EstimateResponse:
+        """An image file (or a DICOM series folder, sent as a zip): the service reads it."""
+        path = Path(path)
+        content = zip_folder(path) if path.is_dir() else path.read_bytes()
+        filename = f"{path.name}.zip" if path.is_dir() else path.name
+        lesions = prompt_messages(prompts)
+        if len(content) <= UNARY_LIMIT_BYTES:
+            source = image_pb2.ImageSource(file=image_pb2.ImageFile(filename=filename, content=content))
+            return self.estimate_request(
+                pb.EstimateRequest(image=source, lesions=lesions, method=method), timeout
+            )
+        source = image_pb2.ImageSource(file=image_pb2.ImageFile(filename=filename))
+        return self.upload(pb.EstimateRequest(image=source, lesions=lesions, method=method), content, timeout)
+
+    def upload(
+        self, request: pb.EstimateRequest, data: bytes | memoryview, timeout: float = 120.0
+    ) -> pb.EstimateResponse:
+        def messages() -> Iterator[pb.EstimateUploadMessage]:
+            yield pb.EstimateUploadMessage(request=request)
+            yield from _chunks(data)
+
+        return self._stub.EstimateUpload(messages(), timeout=timeout, metadata=self._metadata)
+
+    def estimate_dose(
+        self, volume: Volume, rtdose: bytes, isodose: str, timeout: float = 120.0
+    ) -> pb.DoseResponse:
+        request = pb.DoseRequest(
+            image=image_pb2.ImageSource(volume=volume_to_proto(volume)), rtdose_dicom=rtdose, isodose=isodose
+        )
+        return self._stub.EstimateDose(request, timeout=timeout, metadata=self._metadata)
+
+
+def estimates_from_response(
+    image: Volume, prompts: Sequence[LesionPrompt], response: pb.EstimateResponse
+) -> list[LesionEstimate]:
+    """The pipeline's own result objects, rebuilt on the client's copy of the image grid, so the
+    output writers (label map, SEG, CIRCUS labels) run unchanged on the client."""
+    by_id = {p.lesion_id: p for p in prompts}
+    estimates = []
+    for lesion in response.lesions:
+        start, mask = unpack_mask(lesion.mask)
+        qc = {
+            "passed": lesion.qc.passed,
+            "empty": lesion.qc.empty,
+            "diameter_ratio": lesion.qc.diameter_ratio,
+        }
+        measurements = {
+            "voxels": int(lesion.measurements.voxels),
+            "volume_mm3": lesion.measurements.volume_mm3,
+            "max_diameter_mm": lesion.measurements.max_diameter_mm,
+        }
+        estimates.append(
+            LesionEstimate(
+                lesion.lesion_id,
+                lesion.method,
+                by_id[lesion.lesion_id],
+                LesionMask(image, start, mask),
+                qc,
+                measurements,
+                lesion.model_version or None,
+            )
+        )
+    return estimates
