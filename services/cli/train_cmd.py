@@ -156,6 +156,7 @@ def _export(args: argparse.Namespace, onnx: bytes, record: dict) -> None:
     from services.inference.export import register_onnx_model
     from services.inference.factory import default_repository
     from services.label_estimation.unet import MODEL_NAME
+    from services.label_estimation.voi import VOI_SIZE
 
     metrics: dict[str, float] = {
         "training_final_loss": record["final_loss"],
@@ -175,8 +176,8 @@ def _export(args: argparse.Namespace, onnx: bytes, record: dict) -> None:
         data_manifest=", ".join(f"{k}: phantoms seed {args.seed}, {args.cases} cases" for k in args.types),
         seed=args.seed,
         metrics=metrics,
-        description="Generic 3D U-Net lesion segmenter on size-normalised 48³ VOIs (IJCARS 2021 protocol); "
-        "input 'image' (n,1,48,48,48) in [0,1], output 'logits'.",
+        description=f"Generic 3D U-Net lesion segmenter on size-normalised {VOI_SIZE}³ VOIs (IJCARS 2021 protocol); "
+        f"input 'image' (n,1,{VOI_SIZE},{VOI_SIZE},{VOI_SIZE}) in [0,1], output 'logits'.",
         max_batch_size=16,
         preferred_batch_sizes=(4, 8, 16),
     )

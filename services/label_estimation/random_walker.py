@@ -16,18 +16,16 @@ from services.core.volume import Volume
 from services.label_estimation.components import component_at
 from services.label_estimation.prompt import LesionPrompt
 from services.label_estimation.region import LesionMask
-from services.label_estimation.voi import LESION_FRACTION, extract_voi, probability_to_image
+from services.label_estimation.voi import LESION_FRACTION, VOI_SIZE, extract_voi, probability_to_image
 
-#: The VOI edge for the walker: smaller than the U-Net's, the CG solver's cost grows with voxels.
-WALKER_VOI_SIZE = 32
 INNER_SEED_FRACTION = 0.4
 OUTER_SEED_FRACTION = 1.3
 BETA = 130.0
 
 
 def random_walker_mask(image: Volume, prompt: LesionPrompt) -> LesionMask:
-    voi = extract_voi(image, prompt, size=WALKER_VOI_SIZE)
-    size = WALKER_VOI_SIZE
+    voi = extract_voi(image, prompt, size=VOI_SIZE)
+    size = VOI_SIZE
     radius_voxels = LESION_FRACTION * size / 2
     axis = np.arange(size) - (size - 1) / 2
     zz, yy, xx = np.meshgrid(axis, axis, axis, indexing="ij")

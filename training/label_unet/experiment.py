@@ -21,6 +21,7 @@ from services.label_estimation.batch import read_manifest
 from services.label_estimation.model import UnetModel
 from services.label_estimation.pipeline import LabelEstimator
 from services.label_estimation.unet import MODEL_NAME
+from services.label_estimation.voi import VOI_SIZE
 from training.data.dataset import write_dataset
 from training.label_unet.evaluate import evaluate, summarise
 from training.label_unet.network import export_onnx
@@ -65,7 +66,7 @@ def phantom_manifests(
 def type_vois(manifests: dict[str, Path], variants: int, seed: int, cache: Path) -> dict[str, VoiSet]:
     sets = {}
     for index, (lesion_type, manifest) in enumerate(manifests.items()):
-        path = cache / f"vois-{lesion_type}-{manifest.parent.name}-v{variants}.npz"
+        path = cache / f"vois-{lesion_type}-{manifest.parent.name}-v{variants}-{VOI_SIZE}.npz"
         if path.is_file():
             sets[lesion_type] = VoiSet.load(path)
         else:
