@@ -16,11 +16,11 @@ from scipy import ndimage
 
 from services.cli.main import main
 from services.core.io import read_image
+from services.core.manifest import REQUIRED_COLUMNS, read_manifest
 from services.core.sample_data import sample_path
 from services.core.volume import Volume
 from services.label_estimation.dose import read_rtdose
 from training.data import generate_case, write_dataset
-from training.data.manifest import REQUIRED_COLUMNS, read_manifest
 from training.data.painting import paint_label
 from training.data.rtdose import sample_labels
 from training.data.shapes import FAMILIES, IRREGULAR_FAMILIES, random_shape, rasterize

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from services.core.errors import InputError
 from services.core.io import read_image
 from services.core.lesion_measurements import dice
+from services.core.manifest import read_manifest as read_rows
 from services.core.volume import Volume
 from services.label_estimation.outputs import write_json, write_mask
 from services.label_estimation.pipeline import LabelEstimator, LesionEstimate
@@ -27,15 +27,6 @@ from services.label_estimation.prompt import LesionPrompt
 
 log = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = (
-    "case_id",
-    "image",
-    "lesion_id",
-    "center_x_mm",
-    "center_y_mm",
-    "center_z_mm",
-    "diameter_mm",
-)
 SUMMARY_COLUMNS = (
     "case_id",
     "lesion_id",
@@ -59,54 +50,33 @@ class ManifestLesion:
     lesion_type: str
     prompt: LesionPrompt | None
     error: str | None = None
-
-
-def _number(row: dict, column: str) -> float:
-    try:
-        value = float(row[column])
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"not a number: {row.get(column)!r}", field=column) from exc
-    if not math.isfinite(value):
-        raise InputError(f"must be finite, got {row[column]!r}", field=column)
-    return value
+    raw_lesion_id: str = ""
 
 
 def read_manifest(path: Path) -> list[ManifestLesion]:
-    """Rows with a lesion (empty lesion_id = a lesion-free case, skipped). Bad rows carry their error."""
-    path = Path(path)
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-            columns = set(rows[0].keys()) if rows else set()
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}", field="manifest") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if rows and missing:
-        raise InputError(f"missing columns: {', '.join(missing)}", field="manifest")
+    """Rows with a lesion (an empty lesion_id is a lesion-free case, skipped). Bad rows carry their error."""
     lesions = []
-    for row in rows:
-        if not (row.get("lesion_id") or "").strip():
+    for row in read_rows(path, check_files=False, strict=False):
+        if "error" in row:
+            lesion_id = str(row["lesion_id"])
+            if lesion_id.strip():
+                lesions.append(
+                    ManifestLesion(row["case_id"], Path(path), None, "", None, row["error"], lesion_id)
+                )
             continue
-        image = (path.parent / row["image"]).resolve()
-        truth = (path.parent / row["mask"]).resolve() if (row.get("mask") or "").strip() else None
-        base = {
-            "case_id": row["case_id"],
-            "image": image,
-            "truth": truth,
-            "lesion_type": row.get("lesion_type", ""),
-        }
-        try:
-            lesion_id = int(row["lesion_id"])
-            center = tuple(_number(row, f"center_{a}_mm") for a in "xyz")
-            prompt = LesionPrompt(center, _number(row, "diameter_mm"), lesion_id)
-            lesions.append(ManifestLesion(**base, prompt=prompt))
-        except (InputError, ValueError) as exc:
-            lesions.append(ManifestLesion(**base, prompt=None, error=str(exc)))
+        if row["lesion_id"] is None:
+            continue
+        prompt = LesionPrompt(
+            (row["center_x_mm"], row["center_y_mm"], row["center_z_mm"]), row["diameter_mm"], row["lesion_id"]
+        )
+        lesions.append(
+            ManifestLesion(row["case_id"], row["image"], row["mask"], row.get("lesion_type") or "", prompt)
+        )
     return lesions
 
 
 def _row_id(lesion: ManifestLesion) -> str:
-    return str(lesion.prompt.lesion_id) if lesion.prompt else "invalid"
+    return str(lesion.prompt.lesion_id) if lesion.prompt else (lesion.raw_lesion_id or "invalid")
 
 
 def run_batch(

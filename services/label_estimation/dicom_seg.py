@@ -6,8 +6,6 @@ A SEG can only reference real DICOM instances, so it is written when the input w
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +15,7 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
+from services.core.atomic import atomic_output
 from services.core.errors import InputError
 from services.core.io.dicom import instance_uid
 from services.core.volume import Volume
@@ -103,16 +102,8 @@ def write_seg(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         seg = _segmentation(datasets, segment_map, descriptions, software_version)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    os.close(handle)
-    try:
+    with atomic_output(out_path) as temporary:
         seg.save_as(temporary)
-        os.replace(temporary, out_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return out_path
 
 

@@ -7,30 +7,15 @@ never leaves a partial output that a resumed batch would mistake for a finished 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.core.atomic import write_bytes_atomically
 from services.core.io import write_image
 from services.core.volume import Volume
 from services.label_estimation.circus_label import circus_voxel_label
 from services.label_estimation.dicom_seg import write_seg
 from services.label_estimation.pipeline import LesionEstimate, label_map, software_version
-
-
-def write_bytes_atomically(path: Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_json(path: Path, payload: object) -> Path:

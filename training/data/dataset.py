@@ -18,9 +18,9 @@ import numpy as np
 
 from services.core.errors import InputError
 from services.core.io import write_image
+from services.core.manifest import format_float, write_manifest
 from training.data import brain_mr, chest_ct, cxr, head_ct, head_mra, hybrid, liver_mr
 from training.data.case import PhantomCase
-from training.data.manifest import format_float, write_manifest
 from training.data.weak_labels import weak_labels_from_mask
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
+from services.core.atomic import atomic_output
 from services.core.volume import Volume
 
 RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
@@ -158,8 +159,6 @@ def write_rtdose(dose: Volume, path: Path, *, uid_seed: str, referenced_frame_ui
     plan.ReferencedSOPInstanceUID = generate_uid(entropy_srcs=[uid_seed, "rtplan"])
     ds.ReferencedRTPlanSequence = [plan]
     ds.PixelData = pixels.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    ds.save_as(temporary, enforce_file_format=True)
-    temporary.replace(path)
+    with atomic_output(path) as temporary:
+        ds.save_as(temporary, enforce_file_format=True)
     return path

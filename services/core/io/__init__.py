@@ -8,9 +8,9 @@ CR/DX radiograph), NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), M
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
+from services.core.atomic import atomic_output
 from services.core.errors import InputError
 from services.core.io.circus import is_circus_volume, read_circus_input, read_circus_volume
 from services.core.io.dicom import is_dicom_file, read_dicom_file, read_dicom_series
@@ -70,16 +70,9 @@ def write_image(volume: Volume, path: str | os.PathLike[str]) -> Path:
     suffix = next((s for s in WRITABLE_SUFFIXES if name.endswith(s)), None)
     if suffix is None:
         raise InputError(f"cannot write {path.name}: use one of {', '.join(WRITABLE_SUFFIXES)}", field="out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_output(path, suffix=suffix) as temporary:
         if suffix in _NIFTI_SUFFIXES:
-            write_nifti(volume, Path(temporary))
+            write_nifti(volume, temporary)
         else:
-            write_itk(volume, Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+            write_itk(volume, temporary)
     return path

@@ -1,0 +1,139 @@
+"""The manifest: one CSV row per lesion (one row with an empty lesion_id for a lesion-free case).
+
+The same format carries real user data (centre + size from a reading report, or presence only), so
+training code never needs to know whether a case was a phantom. ``docs/manifest.schema.json``
+describes a row; :func:`read_manifest` validates one and names the offending column.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from services.core.atomic import atomic_output
+from services.core.errors import InputError
+
+REQUIRED_COLUMNS = (
+    "case_id", "image", "mask", "lesion_id", "center_x_mm", "center_y_mm", "center_z_mm",
+    "diameter_mm", "lesion_type", "abnormal",
+)  # fmt: skip
+OPTIONAL_COLUMNS = (
+    "axial_long_mm", "axial_short_mm", "volume_mm3", "shape_family", "contrast_sd", "treated", "dose", "rtdose",
+)  # fmt: skip
+COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+_FLOAT_COLUMNS = (
+    "center_x_mm",
+    "center_y_mm",
+    "center_z_mm",
+    "diameter_mm",
+    "axial_long_mm",
+    "axial_short_mm",
+    "volume_mm3",
+    "contrast_sd",
+)
+
+
+def format_float(value: float | None) -> str:
+    """Fixed 3-decimal text: stable bytes for the same seed, sub-voxel precision for coordinates."""
+    return "" if value is None else f"{value:.3f}"
+
+
+def write_manifest(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Write rows (missing columns left empty) atomically."""
+    with atomic_output(path) as temporary, temporary.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in COLUMNS})
+    return path
+
+
+def _bool(text: str, column: str, line: int) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes"):
+        return True
+    if lowered in ("0", "false", "no"):
+        return False
+    raise InputError(f"line {line}: expected true/false, got {text!r}", field=column)
+
+
+def _parse_row(raw: dict[str, str], line: int, folder: Path, check_files: bool) -> dict[str, Any]:
+    """One validated row: paths absolute, numbers parsed. Raises InputError naming the column."""
+    row: dict[str, Any] = dict(raw)
+    if not raw["case_id"]:
+        raise InputError(f"line {line}: empty", field="case_id")
+    for column in ("image", "mask"):
+        if raw[column]:
+            full = (folder / raw[column]).resolve()
+            if check_files and not full.exists():
+                raise InputError(f"line {line}: {raw[column]} does not exist", field=column)
+            row[column] = full
+        else:
+            row[column] = None
+    if row["image"] is None:
+        raise InputError(f"line {line}: empty", field="image")
+    row["abnormal"] = (
+        _bool(raw["abnormal"], "abnormal", line) if raw.get("abnormal") else bool(raw["lesion_id"])
+    )
+    if raw["lesion_id"]:
+        try:
+            row["lesion_id"] = int(raw["lesion_id"])
+        except ValueError:
+            raise InputError(
+                f"line {line}: not an integer: {raw['lesion_id']!r}", field="lesion_id"
+            ) from None
+        if row["lesion_id"] < 1:
+            raise InputError(f"line {line}: must be ≥ 1", field="lesion_id")
+    else:
+        row["lesion_id"] = None
+    for column in _FLOAT_COLUMNS:
+        text = raw.get(column) or ""
+        if text:
+            try:
+                row[column] = float(text)
+            except ValueError:
+                raise InputError(f"line {line}: not a number: {text!r}", field=column) from None
+            if not math.isfinite(row[column]):
+                raise InputError(f"line {line}: not finite", field=column)
+        else:
+            row[column] = None
+    if row["lesion_id"] is not None and (row["center_x_mm"] is None or row["diameter_mm"] is None):
+        raise InputError(f"line {line}: a lesion needs a centre and a diameter", field="center_x_mm")
+    return row
+
+
+def read_manifest(
+    path: str | os.PathLike[str], *, check_files: bool = True, strict: bool = True
+) -> list[dict[str, Any]]:
+    """Parse and validate a manifest; paths come back absolute (they are relative to the manifest).
+
+    ``strict`` raises on the first bad row; otherwise a bad row comes back as ``{"case_id", "lesion_id",
+    "line", "error"}`` so a batch can record it and go on with the others.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist", field="manifest")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(f"missing columns: {', '.join(missing)}", field="manifest")
+        rows = []
+        for line, raw in enumerate(reader, start=2):
+            try:
+                rows.append(_parse_row(raw, line, path.parent, check_files))
+            except InputError as exc:
+                if strict:
+                    raise
+                rows.append(
+                    {
+                        "case_id": raw.get("case_id", ""),
+                        "lesion_id": raw.get("lesion_id", ""),
+                        "line": line,
+                        "error": str(exc),
+                    }
+                )
+    return rows
