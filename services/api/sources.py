@@ -8,6 +8,7 @@ fetch arbitrary URLs.
 
 from __future__ import annotations
 
+import math
 import re
 import tempfile
 import urllib.error
@@ -38,8 +39,49 @@ def file_suffix(filename: str, field: str = "image.file.filename") -> str:
     return suffix
 
 
+def _declared_voxels(path: Path) -> int:
+    """Voxels a file's header declares, read without its pixels (0 when no header says)."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        import nibabel
+
+        return math.prod(int(v) for v in nibabel.load(str(path)).header.get_data_shape())
+    if name.endswith((".nrrd", ".mha", ".mhd")):
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return math.prod(reader.GetSize()) * reader.GetNumberOfComponents()
+    import pydicom
+
+    header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    return (
+        int(header.get("Rows", 0) or 0)
+        * int(header.get("Columns", 0) or 0)
+        * int(header.get("NumberOfFrames", 1) or 1)
+    )
+
+
+def check_declared_size(path: Path, field: str) -> None:
+    """Refuse a file whose header asks for more voxels than the service accepts, before a reader
+    allocates them: a 150-byte upload must not make the service try to allocate gigabytes."""
+    paths = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    total = 0
+    for item in paths:
+        try:
+            total += _declared_voxels(item)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise InputError(f"unreadable header ({type(exc).__name__})", field=field) from exc
+        if total > limits.MAX_VOXELS:
+            raise InputError(f"declares more than {limits.MAX_VOXELS} voxels", field=field)
+
+
 def _read_guarded(path: Path, what: str, field: str) -> Volume:
     """Any reader failure on client bytes is the input's fault: one InputError, no internals."""
+    check_declared_size(path, field)
     try:
         return read_image(path)
     except InputError as exc:

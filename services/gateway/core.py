@@ -8,6 +8,7 @@ goes through the same :meth:`Gateway.unary` / :meth:`Gateway.stream` as gRPC cal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -85,6 +86,23 @@ def channel_options() -> list[tuple[str, int]]:
         ("grpc.max_reconnect_backoff_ms", 1000),
         ("grpc.enable_retries", 0),
     ]
+
+
+async def _forward(requests: AsyncIterator[bytes], call: grpc.aio.StreamUnaryCall) -> bytes:
+    """Write messages one by one; when the upstream has already answered (e.g. it refused the first
+    message), stop writing and return its status rather than a write error."""
+    upstream_open = True
+    async for message in requests:  # read the caller's stream to its end: leaving it half-read makes
+        if not upstream_open:  # grpc-core end the caller's RPC with INTERNAL instead of our status
+            continue
+        try:
+            await call.write(message)
+        except (asyncio.InvalidStateError, grpc.aio.UsageError, grpc.aio.AioRpcError):
+            upstream_open = False  # the upstream already answered; its status is raised below
+    if upstream_open:
+        with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.UsageError, grpc.aio.AioRpcError):
+            await call.done_writing()
+    return await call
 
 
 class Gateway:
@@ -194,10 +212,12 @@ class Gateway:
         code = "OK"
         try:
             async with self._admission:
-                call = self._channels[service].stream_unary(f"/{service}/{rpc}")
                 remaining = deadline - time.monotonic()
+                call = self._channels[service].stream_unary(f"/{service}/{rpc}")(
+                    timeout=max(0.001, remaining)
+                )
                 try:
-                    response = await call(requests, timeout=max(0.001, remaining))
+                    response = await _forward(requests, call)
                 except grpc.aio.AioRpcError as error:
                     if error.code() == grpc.StatusCode.UNAVAILABLE:
                         UPSTREAM_UP.labels(route.name).set(0)

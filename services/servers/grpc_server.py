@@ -14,11 +14,15 @@ from collections.abc import Callable
 from concurrent import futures
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from services.api import limits
+from services.core.errors import InputError
 
 log = logging.getLogger("wlcad.serving")
 
@@ -38,6 +42,59 @@ def grpc_options() -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
     ]
+
+
+def _parsed(message_class, data: bytes):
+    try:
+        return message_class.FromString(data)
+    except DecodeError as exc:
+        raise InputError("the request is not a valid protobuf message", field="request") from exc
+
+
+def _drain(requests) -> None:
+    """Read what is left of a refused stream before the status goes out (bounded by the upload limit
+    and the deadline): a status sent while the caller is still writing reaches callers behind the
+    gateway as INTERNAL "Internal error from Core" instead of the real reason."""
+    drained = 0
+    try:
+        for data in requests:
+            drained += len(data)
+            if drained > limits.MAX_UPLOAD_BYTES:
+                return
+    except Exception:  # the caller cancelled or the deadline passed: nothing left to protect
+        return
+
+
+def servicer_handler(servicer: object, service: ServiceDescriptor) -> grpc.GenericRpcHandler:
+    """Handlers for every RPC of ``service`` that decode requests themselves, so bytes that are not
+    the declared message become INVALID_ARGUMENT (grpcio's own deserializer answers INTERNAL)."""
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+        implementation = getattr(servicer, method.name)
+        if method.client_streaming:
+
+            def stream(requests, context, _impl=implementation, _cls=request_class):
+                try:
+                    return _impl((_parsed(_cls, data) for data in requests), context)
+                finally:
+                    _drain(requests)
+
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                stream, response_serializer=serialize
+            )
+        else:
+
+            def unary(data, context, _impl=implementation, _cls=request_class):
+                try:
+                    request = _parsed(_cls, data)
+                except InputError as exc:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                return _impl(request, context)
+
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 def run_service(

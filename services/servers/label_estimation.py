@@ -345,12 +345,13 @@ def serve(
     inference_setting: str | None = None,
 ) -> int:
     """Run the service process until SIGTERM."""
-    from services.servers.grpc_server import run_service
+    from services.servers.grpc_server import run_service, servicer_handler
 
     servicer = LabelEstimationServicer(dicomweb_servers, compute_slots, inference_setting)
+    service = pb.DESCRIPTOR.services_by_name["LabelEstimation"]
     return run_service(
-        pb.DESCRIPTOR.services_by_name["LabelEstimation"].full_name,
-        lambda server: pb_grpc.add_LabelEstimationServicer_to_server(servicer, server),
+        service.full_name,
+        lambda server: server.add_generic_rpc_handlers((servicer_handler(servicer, service),)),
         address,
         metrics_address,
         on_stop=servicer.close,
