@@ -76,6 +76,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     loto.add_argument("--out", type=Path, required=True)
     loto.add_argument("--train-cases", type=int, default=40)
     loto.add_argument("--test-cases", type=int, default=15)
+    loto.add_argument(
+        "--prepare-only", action="store_true", help="write phantoms and VOI sets, train nothing"
+    )
+    loto.add_argument(
+        "--models",
+        type=Path,
+        help="evaluate fold models trained elsewhere (python -m training.label_unet.train_folds)",
+    )
     _add_training_options(loto)
     loto.set_defaults(handler=run_experiment)
 
@@ -106,8 +114,15 @@ def run_experiment(args: argparse.Namespace) -> int:
         seed=args.seed,
         training=_settings(args),
     )
-    run_leave_one_type_out(args.out, settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    print((args.out / "dice_table.md").read_text(), end="")
+    run_leave_one_type_out(
+        args.out,
+        settings,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        models=args.models,
+        prepare_only=args.prepare_only,
+    )
+    if not args.prepare_only:
+        print((args.out / "dice_table.md").read_text(), end="")
     return 0
 
 
@@ -118,8 +133,9 @@ def run_train(args: argparse.Namespace) -> int:
     from services.label_estimation.batch import read_manifest
     from training.label_unet.experiment import phantom_manifests, type_vois
     from training.label_unet.network import export_onnx
-    from training.label_unet.samples import concatenate, lesion_vois
+    from training.label_unet.samples import lesion_vois
     from training.label_unet.train import train_segmenter
+    from training.label_unet.voi_set import concatenate
 
     settings = _settings(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,9 @@ from services.label_estimation.voi import VOI_SIZE
 from training.data.dataset import write_dataset
 from training.label_unet.evaluate import evaluate, summarise
 from training.label_unet.network import export_onnx
-from training.label_unet.samples import VoiSet, concatenate, lesion_vois
+from training.label_unet.samples import lesion_vois
 from training.label_unet.train import TrainingSettings, train_segmenter
+from training.label_unet.voi_set import VoiSet, concatenate
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def phantom_manifests(
 def type_vois(manifests: dict[str, Path], variants: int, seed: int, cache: Path) -> dict[str, VoiSet]:
     sets = {}
     for index, (lesion_type, manifest) in enumerate(manifests.items()):
-        path = cache / f"vois-{lesion_type}-{manifest.parent.name}-v{variants}-{VOI_SIZE}.npz"
+        path = cache / f"vois-{lesion_type}-{manifest.parent.name}-v{variants}-{VOI_SIZE}-u8.npz"
         if path.is_file():
             sets[lesion_type] = VoiSet.load(path)
         else:
@@ -101,8 +102,16 @@ def evaluate_onnx(
 
 
 def run_leave_one_type_out(
-    out: Path, settings: ExperimentSettings, progress: Callable[[str], None] = log.info
+    out: Path,
+    settings: ExperimentSettings,
+    progress: Callable[[str], None] = log.info,
+    models: Path | None = None,
+    prepare_only: bool = False,
 ) -> list[dict]:
+    """All folds. With ``models`` (a folder of ``<held-out type>.onnx`` from ``train_folds``) the
+    networks are taken from there instead of being trained here; evaluation is the same.
+    ``prepare_only`` stops after writing the phantoms and the VOI sets (``<out>/cache``), the input of
+    ``train_folds`` on another machine."""
     out.mkdir(parents=True, exist_ok=True)
     progress("generating phantoms")
     train = phantom_manifests(
@@ -115,8 +124,25 @@ def run_leave_one_type_out(
         settings.seed + TEST_SEED_OFFSET,
         settings.case_size_xyz,
     )
+    if models is not None:
+        rows = []
+        for held_out in LESION_TYPES:
+            progress(f"fold {held_out}: evaluating {models / (held_out + '.onnx')}")
+            onnx = (models / f"{held_out}.onnx").read_bytes()
+            rows += evaluate_onnx(
+                onnx, held_out, test[held_out], (*BASELINES, "unet"), out / "overlays", settings.seed
+            )
+        record = (
+            json.loads((models / "training.json").read_text())
+            if (models / "training.json").is_file()
+            else None
+        )
+        write_results(out, rows, settings, training_record=record)
+        return rows
     progress("cutting training VOIs")
     vois = type_vois(train, settings.variants, settings.seed, out / "cache")
+    if prepare_only:
+        return []
     rows: list[dict] = []
     for held_out in LESION_TYPES:
         training_types = [t for t in LESION_TYPES if t != held_out]
@@ -143,7 +169,11 @@ def run_leave_one_type_out(
     return rows
 
 
-def write_results(out: Path, rows: list[dict], settings: ExperimentSettings) -> None:
+def write_results(
+    out: Path, rows: list[dict], settings: ExperimentSettings, training_record: dict | None = None
+) -> None:
+    """dice.csv (every lesion × method), dice_table.md and summary.json; ``training_record`` replaces the
+    local training settings when the networks were trained elsewhere."""
     with (out / "dice.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
         writer.writeheader()
@@ -162,9 +192,10 @@ def write_results(out: Path, rows: list[dict], settings: ExperimentSettings) -> 
         lines.append(f"| {lesion_type} | {n} | " + " | ".join(cells) + " |")
     (out / "dice_table.md").write_text("\n".join(lines) + "\n")
     summary = {f"{t}/{m}": {"mean": v[0], "sd": v[1], "n": v[2]} for (t, m), v in table.items()}
-    (out / "summary.json").write_text(
-        json.dumps({"settings": _settings_dict(settings), "dice": summary}, indent=2) + "\n"
-    )
+    recorded = _settings_dict(settings)
+    if training_record is not None:
+        recorded["training"] = training_record
+    (out / "summary.json").write_text(json.dumps({"settings": recorded, "dice": summary}, indent=2) + "\n")
 
 
 def _settings_dict(settings: ExperimentSettings) -> dict:

@@ -8,8 +8,6 @@ target from the exact mask resampled onto the same VOI grid — training sees wh
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,36 +16,10 @@ from services.core.io import read_image
 from services.label_estimation.batch import ManifestLesion, read_manifest
 from services.label_estimation.prompt import LesionPrompt
 from services.label_estimation.voi import VOI_SIZE, extract_voi
+from training.label_unet.voi_set import VoiSet, concatenate
 
 CENTER_JITTER = 0.10
 DIAMETER_SCALE = (0.85, 1.2)
-
-
-@dataclass
-class VoiSet:
-    """Stacked VOIs: images and targets (n, 1, s, s, s) float32, one lesion type per row."""
-
-    images: np.ndarray
-    targets: np.ndarray
-    lesion_types: list[str]
-
-    def __len__(self) -> int:
-        return len(self.lesion_types)
-
-    def save(self, path: Path) -> None:
-        np.savez_compressed(
-            path, images=self.images, targets=self.targets, lesion_types=np.array(self.lesion_types)
-        )
-
-    @classmethod
-    def load(cls, path: Path) -> VoiSet:
-        data = np.load(path)
-        return cls(data["images"], data["targets"], [str(t) for t in data["lesion_types"]])
-
-    def subset(self, keep: Iterable[str]) -> VoiSet:
-        wanted = set(keep)
-        rows = [i for i, t in enumerate(self.lesion_types) if t in wanted]
-        return VoiSet(self.images[rows], self.targets[rows], [self.lesion_types[i] for i in rows])
 
 
 def _jittered(prompt: LesionPrompt, rng: np.random.Generator) -> LesionPrompt:
@@ -86,14 +58,6 @@ def lesion_vois(
                 targets.append((target.array >= 0.5).astype(np.float32)[None])
                 types.append(group)
     return VoiSet(np.stack(images), np.stack(targets), types)
-
-
-def concatenate(sets: list[VoiSet]) -> VoiSet:
-    return VoiSet(
-        np.concatenate([s.images for s in sets]),
-        np.concatenate([s.targets for s in sets]),
-        [t for s in sets for t in s.lesion_types],
-    )
 
 
 def vois_from_manifests(manifests: dict[str, Path], variants: int, seed: int) -> VoiSet:

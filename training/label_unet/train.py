@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from training.label_unet.augment import training_transforms
 from training.label_unet.network import CHANNELS, build_network
-from training.label_unet.samples import VoiSet
+from training.label_unet.voi_set import VoiSet
 
 
 @dataclass
