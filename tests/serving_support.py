@@ -112,7 +112,7 @@ class Stack:
 
 
 def start_service(
-    log_dir: Path, port: int | None = None, extra: list[str] | None = None
+    log_dir: Path, port: int | None = None, extra: list[str] | None = None, env: dict[str, str] | None = None
 ) -> tuple[Process, str, str]:
     port = port or free_port()
     metrics = free_port()
@@ -128,6 +128,7 @@ def start_service(
             *(extra or []),
         ],
         log_dir / "service.log",
+        env=env,
     ).start()
     return process, address, f"http://127.0.0.1:{metrics}/metrics"
 
@@ -153,10 +154,13 @@ def start_gateway(log_dir: Path, service_address: str, extra: list[str] | None =
 
 
 def start_stack(
-    log_dir: Path, gateway_extra: list[str] | None = None, service_extra: list[str] | None = None
+    log_dir: Path,
+    gateway_extra: list[str] | None = None,
+    service_extra: list[str] | None = None,
+    service_env: dict[str, str] | None = None,
 ) -> Stack:
     log_dir.mkdir(parents=True, exist_ok=True)
-    service, service_address, metrics = start_service(log_dir, extra=service_extra)
+    service, service_address, metrics = start_service(log_dir, extra=service_extra, env=service_env)
     gateway, grpc_address, http_url = start_gateway(log_dir, service_address, gateway_extra)
     try:
         wait_serving(service_address)

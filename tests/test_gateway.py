@@ -75,12 +75,8 @@ def _code(call) -> grpc.StatusCode:
 def test_every_grpc_operation_through_the_gateway_equals_the_service(stack, rtdose):
     gateway, direct = _stub(stack.grpc_address), _stub(stack.service_address)
     description = gateway.Describe(pb.DescribeRequest(), timeout=10)
-    assert {m.name for m in description.methods if m.available} == {
-        "sphere",
-        "ellipsoid",
-        "threshold",
-        "random-walker",
-    }
+    available = {m.name for m in description.methods if m.available}
+    assert {"sphere", "ellipsoid", "threshold", "random-walker"} <= available
     volume = small_volume()
     for method in ("sphere", "ellipsoid", "threshold", "random-walker"):
         request = estimate_request(volume, method, lesions=3)  # many lesions of one image
@@ -146,7 +142,13 @@ def test_files_and_dicom_zips_are_read_by_the_service(stack, sample):
 
 def test_every_http_operation(stack, rtdose, sample):
     describe = json.loads(urllib.request.urlopen(f"{stack.http_url}/v1/labels:describe", timeout=10).read())
-    assert any(m["name"] == "unet" and not m.get("available") for m in describe["methods"])
+    assert {m["name"] for m in describe["methods"]} == {
+        "sphere",
+        "ellipsoid",
+        "threshold",
+        "random-walker",
+        "unet",
+    }
     volume = small_volume()
     body = json_format.MessageToDict(
         estimate_request(volume, "sphere", lesions=2), preserving_proto_field_name=True
@@ -214,16 +216,36 @@ def test_http_errors_name_the_field(stack, path, body, status, needle):
     assert "Traceback" not in payload["message"]
 
 
-def test_unet_without_its_model_fails_cleanly(stack):
-    request = estimate_request(small_volume(), "unet")
-    with pytest.raises(grpc.RpcError) as error:
-        _stub(stack.grpc_address).Estimate(request, timeout=10)
-    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "label_unet3d" in error.value.details()
-    body = json_format.MessageToDict(request, preserving_proto_field_name=True)
-    with pytest.raises(http_client.HttpError) as http_error:
-        http_client.post_json(stack.http_url, "/v1/labels:estimate", body)
-    assert http_error.value.status == 412
+def test_unet_through_the_gateway_when_its_model_is_installed(stack):
+    description = _stub(stack.grpc_address).Describe(pb.DescribeRequest(), timeout=10)
+    unet = next(m for m in description.methods if m.name == "unet")
+    assert unet.available, unet.reason  # model_repository/label_unet3d ships with the repository
+    response = _stub(stack.grpc_address).Estimate(
+        estimate_request(small_volume((32, 48, 48)), "unet"), timeout=120
+    )
+    assert response.lesions[0].model_version == unet.model_version
+    assert response.lesions[0].qc.HasField("mean_probability_inside")
+
+
+def test_unet_without_its_model_fails_cleanly(tmp_path):
+    empty = tmp_path / "empty-repository"
+    empty.mkdir()
+    stack = start_stack(tmp_path / "logs", service_env={"WLCAD_MODEL_REPOSITORY": str(empty)})
+    try:
+        description = _stub(stack.grpc_address).Describe(pb.DescribeRequest(), timeout=10)
+        unet = next(m for m in description.methods if m.name == "unet")
+        assert not unet.available and "label_unet3d" in unet.reason
+        request = estimate_request(small_volume(), "unet")
+        with pytest.raises(grpc.RpcError) as error:
+            _stub(stack.grpc_address).Estimate(request, timeout=10)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "label_unet3d" in error.value.details()
+        body = json_format.MessageToDict(request, preserving_proto_field_name=True)
+        with pytest.raises(http_client.HttpError) as http_error:
+            http_client.post_json(stack.http_url, "/v1/labels:estimate", body)
+        assert http_error.value.status == 412
+    finally:
+        stack.stop()
 
 
 def test_deadlines_reach_the_caller_in_time(stack):

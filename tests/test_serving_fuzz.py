@@ -232,6 +232,7 @@ def test_gateway_and_service_processes_survive_fuzzing(tmp_path):
                 "30",
                 "--generation-deterministic",
             ],
+            cwd=tmp_path,
             capture_output=True,
             text=True,
             timeout=240,

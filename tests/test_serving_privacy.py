@@ -54,7 +54,7 @@ def test_no_patient_identifier_reaches_a_log(tmp_path, sample):
             )
             try:
                 http_client.upload(stack.http_url, "series.zip", zip_folder(series), request)
-            except http_client.HttpError as error:
+            except http_client.HttpError as error:  # unet without its model: 412
                 assert error.status == 412 and method == "unet"
         xray_image = read_image(xray)
         xray_prompt = [
