@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
             for r in rows
         ]
         for method in methods:
+            if not _applicable(method, image):
+                continue
             response = client.estimate_volume(image, prompts, method)
             estimates = estimates_from_response(image, prompts, response)
             for estimate in estimates:
@@ -190,6 +192,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"done in {summary['seconds']} s → {out}/summary.json")
     client.close()
     return 0
+
+
+def _applicable(method: str, image) -> bool:
+    """The U-Net is a 3D segmenter: the service refuses it on single-slice images (radiographs)."""
+    return not (method == "unet" and image.array.shape[0] == 1)
 
 
 def _dose_case(client, image, truth, rtdose: Path, rows: list[dict], folder: Path) -> list[float]:
@@ -233,6 +240,9 @@ def _real_sample(
     diameter = float(min(20.0, 0.5 * extent[extent > float(np.asarray(image.spacing).max())].min()))
     prompts = [LesionPrompt(tuple(float(v) for v in centre), diameter, 1)]
     for method in methods:
+        if not _applicable(method, image):
+            print(f"  {name}: {method} skipped (a 3D segmenter; this image has one slice)")
+            continue
         if transport == "http-dicom-zip":
             request = pb.EstimateRequest(lesions=prompt_messages(prompts), method=method)
             response = http_client.upload(args.http, f"{path.name}.zip", zip_folder(path), request, token)

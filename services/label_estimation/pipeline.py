@@ -82,6 +82,12 @@ class LabelEstimator:
         model_version = None
         extra_qc: list[dict] = [{} for _ in prompts]
         if method == "unet":
+            if image.array.shape[0] == 1:
+                raise InputError(
+                    "unet is a 3D segmenter and this image has one slice (a radiograph); "
+                    "use sphere, threshold or random-walker",
+                    field="method",
+                )
             if self._infer is None:
                 raise InputError("the unet method needs an inference backend", field="method")
             results = unet_masks(image, prompts, self._infer, self._max_batch)
