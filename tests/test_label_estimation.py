@@ -101,7 +101,9 @@ def test_unet_refuses_single_slice_images() -> None:
     """A radiograph is a one-slice volume; the 3D segmenter would score ~0.03 Dice on it (measured)."""
     xray = Volume(np.zeros((1, 200, 200), np.uint16), (0.2, 0.2, 1.0))
     with pytest.raises(InputError, match="one slice") as caught:
-        LabelEstimator(infer=lambda batch: batch).estimate(xray, [LesionPrompt((20.0, 20.0, 0.0), 10.0)], "unet")
+        LabelEstimator(infer=lambda batch: batch).estimate(
+            xray, [LesionPrompt((20.0, 20.0, 0.0), 10.0)], "unet"
+        )
     assert caught.value.field == "method"
 
 
