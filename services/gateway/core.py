@@ -20,7 +20,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.api import limits
 from services.gateway.routes import ROUTES, Route
-from services.servers.observability import IN_FLIGHT, QUEUE_DEPTH, RETRIES, UPSTREAM_UP, observe
+from services.servers.observability import (
+    IN_FLIGHT,
+    QUEUE_DEPTH,
+    RETRIES,
+    UPSTREAM_UP,
+    MethodMetrics,
+)
 
 COMPONENT = "gateway"
 log = logging.getLogger("wlcad.gateway")
@@ -53,6 +59,8 @@ class Admission:
         self._semaphore = asyncio.Semaphore(max_in_flight)
         self._max_queue = max_queue
         self._waiting = 0
+        self._in_flight = IN_FLIGHT.labels(COMPONENT)
+        self._queue_depth = QUEUE_DEPTH.labels(COMPONENT)
 
     async def __aenter__(self) -> None:
         if self._semaphore.locked():
@@ -61,18 +69,18 @@ class Admission:
                     grpc.StatusCode.RESOURCE_EXHAUSTED, "the gateway is at capacity; retry later"
                 )
             self._waiting += 1
-            QUEUE_DEPTH.labels(COMPONENT).inc()
+            self._queue_depth.inc()
             try:
                 await self._semaphore.acquire()
             finally:
                 self._waiting -= 1
-                QUEUE_DEPTH.labels(COMPONENT).dec()
+                self._queue_depth.dec()
         else:
             await self._semaphore.acquire()
-        IN_FLIGHT.labels(COMPONENT).inc()
+        self._in_flight.inc()
 
     async def __aexit__(self, *exc_info) -> None:
-        IN_FLIGHT.labels(COMPONENT).dec()
+        self._in_flight.dec()
         self._semaphore.release()
 
 
@@ -105,6 +113,20 @@ async def _forward(requests: AsyncIterator[bytes], call: grpc.aio.StreamUnaryCal
     return await call
 
 
+@dataclass
+class _Target:
+    """One routed RPC, resolved once: the upstream multicallable and its metric children, so a call
+    does no channel, stub or label lookup (together ~0.1 ms of a pass-through's ~1 ms budget)."""
+
+    route: Route
+    rpc: str
+    retryable: bool
+    call: grpc.aio.UnaryUnaryMultiCallable | grpc.aio.StreamUnaryMultiCallable
+    metrics: MethodMetrics
+    up: object  # the route's wlcad_upstream_up child
+    retries: object  # the wlcad_gateway_retries child
+
+
 class Gateway:
     """Routes calls to upstreams by address (``upstreams``: route name → host:port)."""
 
@@ -120,12 +142,31 @@ class Gateway:
         }
         self._admission = Admission(self.limits.max_in_flight, self.limits.max_queue)
         self.upstream_serving: dict[str, bool] = {route.name: False for route in self.routes.values()}
+        self._targets: dict[tuple[str, str], _Target] = {}
 
-    def _route(self, service: str) -> Route:
+    def _target(self, service: str, rpc: str) -> _Target:
+        target = self._targets.get((service, rpc))
+        if target is not None:
+            return target
         route = self.routes.get(service)
         if route is None:
             raise GatewayError(grpc.StatusCode.UNIMPLEMENTED, f"no route for {service}")
-        return route
+        method = route.descriptor.methods_by_name.get(rpc)
+        if method is None:
+            raise GatewayError(grpc.StatusCode.UNIMPLEMENTED, f"{service} has no method {rpc[:64]}")
+        channel = self._channels[service]
+        path = f"/{service}/{rpc}"
+        target = _Target(
+            route=route,
+            rpc=rpc,
+            retryable=rpc in route.idempotent,
+            call=channel.stream_unary(path) if method.client_streaming else channel.unary_unary(path),
+            metrics=MethodMetrics(COMPONENT, f"{route.name}/{rpc}"),
+            up=UPSTREAM_UP.labels(route.name),
+            retries=RETRIES.labels(route.name, rpc),
+        )
+        self._targets[(service, rpc)] = target
+        return target
 
     def _deadline(self, timeout_s: float | None) -> float:
         timeout = (
@@ -152,13 +193,12 @@ class Gateway:
 
     async def unary(self, service: str, rpc: str, request: bytes, timeout_s: float | None) -> bytes:
         """One unary call; idempotent RPCs are retried with jittered back-off while UNAVAILABLE."""
-        route = self._route(service)
-        deadline = self._deadline(timeout_s)
         started = time.perf_counter()
+        target = self._target(service, rpc)
+        deadline = self._deadline(timeout_s)
         code = "OK"
         try:
             async with self._admission:
-                call = self._channels[service].unary_unary(f"/{service}/{rpc}")
                 attempt = 0
                 while True:
                     remaining = deadline - time.monotonic()
@@ -167,19 +207,17 @@ class Gateway:
                             grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed in the gateway"
                         )
                     try:
-                        response = await call(request, timeout=remaining)
-                        UPSTREAM_UP.labels(route.name).set(1)
+                        response = await target.call(request, timeout=remaining)
+                        target.up.set(1)
                         return response
                     except grpc.aio.AioRpcError as error:
-                        retry = (
-                            error.code() == grpc.StatusCode.UNAVAILABLE
-                            and rpc in route.idempotent
-                            and attempt + 1 < self.limits.retry_attempts
-                        )
-                        if error.code() == grpc.StatusCode.UNAVAILABLE:
-                            UPSTREAM_UP.labels(route.name).set(0)
-                        if not retry:
-                            raise self._upstream_error(route, error) from None
+                        unavailable = error.code() == grpc.StatusCode.UNAVAILABLE
+                        if unavailable:
+                            target.up.set(0)
+                        if not (
+                            unavailable and target.retryable and attempt + 1 < self.limits.retry_attempts
+                        ):
+                            raise self._upstream_error(target.route, error) from None
                     backoff = min(
                         self.limits.retry_max_backoff_s, self.limits.retry_initial_backoff_s * 2**attempt
                     )
@@ -187,9 +225,9 @@ class Gateway:
                     if time.monotonic() + backoff >= deadline:
                         raise GatewayError(
                             grpc.StatusCode.UNAVAILABLE,
-                            f"the {route.name} service is unavailable; retry later",
+                            f"the {target.route.name} service is unavailable; retry later",
                         )
-                    RETRIES.labels(route.name, rpc).inc()
+                    target.retries.inc()
                     attempt += 1
                     await asyncio.sleep(backoff)
         except GatewayError as error:
@@ -199,30 +237,28 @@ class Gateway:
             code = "CANCELLED"
             raise
         finally:
-            observe(COMPONENT, f"{route.name}/{rpc}", code, started)
+            target.metrics.observe(code, started)
 
     async def stream(
         self, service: str, rpc: str, requests: AsyncIterator[bytes], timeout_s: float | None
     ) -> bytes:
         """A client-streaming call, forwarded message by message (never buffered whole, never retried:
         the stream cannot be replayed; the caller retries on UNAVAILABLE)."""
-        route = self._route(service)
-        deadline = self._deadline(timeout_s)
         started = time.perf_counter()
+        target = self._target(service, rpc)
+        deadline = self._deadline(timeout_s)
         code = "OK"
         try:
             async with self._admission:
                 remaining = deadline - time.monotonic()
-                call = self._channels[service].stream_unary(f"/{service}/{rpc}")(
-                    timeout=max(0.001, remaining)
-                )
+                call = target.call(timeout=max(0.001, remaining))
                 try:
                     response = await _forward(requests, call)
                 except grpc.aio.AioRpcError as error:
                     if error.code() == grpc.StatusCode.UNAVAILABLE:
-                        UPSTREAM_UP.labels(route.name).set(0)
-                    raise self._upstream_error(route, error) from None
-                UPSTREAM_UP.labels(route.name).set(1)
+                        target.up.set(0)
+                    raise self._upstream_error(target.route, error) from None
+                target.up.set(1)
                 return response
         except GatewayError as error:
             code = error.code.name
@@ -231,7 +267,7 @@ class Gateway:
             code = "CANCELLED"
             raise
         finally:
-            observe(COMPONENT, f"{route.name}/{rpc}", code, started)
+            target.metrics.observe(code, started)
 
     async def check_upstreams(self, timeout_s: float = 0.5) -> dict[str, bool]:
         """grpc.health.v1 Check on every upstream; updates ``upstream_serving`` and the up gauge."""

@@ -18,6 +18,7 @@ log = logging.getLogger("wlcad.gateway")
 
 #: Callable without a token (probes must work before a client has credentials).
 UNAUTHENTICATED_SERVICES = ("grpc.health.v1.Health",)
+_UNAUTHENTICATED_PREFIXES = tuple(f"/{service}/" for service in UNAUTHENTICATED_SERVICES)
 
 
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
@@ -80,11 +81,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._tokens = tokens
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
-        service = handler_call_details.method.lstrip("/").split("/", 1)[0]
-        if service in UNAUTHENTICATED_SERVICES:
+        if handler_call_details.method.startswith(_UNAUTHENTICATED_PREFIXES):
             return await continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        if self._tokens.check(metadata.get("authorization")):
+        authorization = next(
+            (
+                value
+                for key, value in handler_call_details.invocation_metadata or ()
+                if key == "authorization"
+            ),
+            None,
+        )
+        if self._tokens.check(authorization):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         return _refusing(handler)

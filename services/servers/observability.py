@@ -44,3 +44,26 @@ def observe(component: str, method: str, code: str, started: float) -> None:
     REQUESTS.labels(component, method, code).inc()
     LATENCY.labels(component, method).observe(elapsed)
     log.info("%s %s %s %.1fms", component, method, code, elapsed * 1000)
+
+
+class MethodMetrics:
+    """One method's request counter and latency children, looked up once: ``labels()`` costs a lock
+    and a dict lookup per call, which is a measurable share of a pass-through hop's ~1 ms."""
+
+    __slots__ = ("_component", "_counts", "_latency", "_method")
+
+    def __init__(self, component: str, method: str) -> None:
+        self._component, self._method = component, method
+        self._latency = LATENCY.labels(component, method)
+        self._counts: dict[str, Counter] = {}
+
+    def observe(self, code: str, started: float) -> None:
+        """Same effect as :func:`observe` for this method."""
+        elapsed = time.perf_counter() - started
+        count = self._counts.get(code)
+        if count is None:
+            count = self._counts[code] = REQUESTS.labels(self._component, self._method, code)
+        count.inc()
+        self._latency.observe(elapsed)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s %s %s %.1fms", self._component, self._method, code, elapsed * 1000)
