@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 
 from services.api import limits
+from services.api.chunks import encode_chunk
 from services.api.convert import unpack_mask, volume_to_proto
 from services.api.pb import image_pb2
 from services.api.pb import label_estimation_pb2 as pb
@@ -26,6 +27,7 @@ from services.label_estimation.prompt import LesionPrompt
 from services.label_estimation.region import LesionMask
 
 UNARY_LIMIT_BYTES = 16 * 1024 * 1024
+UPLOAD_METHOD = "/wlcad.v1.LabelEstimation/EstimateUpload"
 
 
 def channel(
@@ -63,12 +65,11 @@ def zip_folder(folder: Path) -> bytes:
     return buffer.getvalue()
 
 
-def _chunks(
-    data: bytes | memoryview, size: int = limits.MAX_CHUNK_BYTES
-) -> Iterator[pb.EstimateUploadMessage]:
-    view = memoryview(data)
+def _chunks(data: bytes | memoryview, size: int = limits.MAX_CHUNK_BYTES) -> Iterator[bytes]:
+    """Serialised chunk messages, each written straight from a view of ``data`` (one copy)."""
+    view = memoryview(data).cast("B")  # byte offsets, whatever the caller's item format
     for start in range(0, len(view), size):
-        yield pb.EstimateUploadMessage(chunk=image_pb2.ImageChunk(data=bytes(view[start : start + size])))
+        yield encode_chunk(view[start : start + size])
 
 
 class LabelEstimationClient:
@@ -78,6 +79,10 @@ class LabelEstimationClient:
         self._channel = channel_ or channel(address)
         self._stub = pb_grpc.LabelEstimationStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        # Uploads send pre-serialised messages (bytes pass through unchanged without a serializer).
+        self._upload = self._channel.stream_unary(
+            UPLOAD_METHOD, response_deserializer=pb.EstimateResponse.FromString
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -130,11 +135,11 @@ class LabelEstimationClient:
     def upload(
         self, request: pb.EstimateRequest, data: bytes | memoryview, timeout: float = 120.0
     ) -> pb.EstimateResponse:
-        def messages() -> Iterator[pb.EstimateUploadMessage]:
-            yield pb.EstimateUploadMessage(request=request)
+        def messages() -> Iterator[bytes]:
+            yield pb.EstimateUploadMessage(request=request).SerializeToString()
             yield from _chunks(data)
 
-        return self._stub.EstimateUpload(messages(), timeout=timeout, metadata=self._metadata)
+        return self._upload(messages(), timeout=timeout, metadata=self._metadata)
 
     def estimate_dose(
         self, volume: Volume, rtdose: bytes, isodose: str, timeout: float = 120.0

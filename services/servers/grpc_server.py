@@ -44,7 +44,8 @@ def grpc_options() -> list[tuple[str, int]]:
     ]
 
 
-def _parsed(message_class, data: bytes):
+def parse_request(message_class, data: bytes):
+    """``message_class`` from ``data``; bytes that are not that message are the caller's error."""
     try:
         return message_class.FromString(data)
     except DecodeError as exc:
@@ -67,17 +68,32 @@ def _drain(requests) -> None:
 
 def servicer_handler(servicer: object, service: ServiceDescriptor) -> grpc.GenericRpcHandler:
     """Handlers for every RPC of ``service`` that decode requests themselves, so bytes that are not
-    the declared message become INVALID_ARGUMENT (grpcio's own deserializer answers INTERNAL)."""
+    the declared message become INVALID_ARGUMENT (grpcio's own deserializer answers INTERNAL).
+
+    Client-streaming RPCs named in the servicer's ``RAW_REQUEST_STREAMS`` get the messages' bytes
+    undecoded (an upload reads its voxel chunks without protobuf copies; it decodes the rest)."""
     handlers = {}
+    raw_streams = frozenset(getattr(servicer, "RAW_REQUEST_STREAMS", ()))
     for method in service.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
         serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
         implementation = getattr(servicer, method.name)
-        if method.client_streaming:
+        if method.client_streaming and method.name in raw_streams:
+
+            def raw_stream(requests, context, _impl=implementation):
+                try:
+                    return _impl(requests, context)
+                finally:
+                    _drain(requests)
+
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                raw_stream, response_serializer=serialize
+            )
+        elif method.client_streaming:
 
             def stream(requests, context, _impl=implementation, _cls=request_class):
                 try:
-                    return _impl((_parsed(_cls, data) for data in requests), context)
+                    return _impl((parse_request(_cls, data) for data in requests), context)
                 finally:
                     _drain(requests)
 
@@ -88,7 +104,7 @@ def servicer_handler(servicer: object, service: ServiceDescriptor) -> grpc.Gener
 
             def unary(data, context, _impl=implementation, _cls=request_class):
                 try:
-                    request = _parsed(_cls, data)
+                    request = parse_request(_cls, data)
                 except InputError as exc:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 return _impl(request, context)
