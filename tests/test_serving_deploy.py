@@ -93,3 +93,23 @@ def test_compose_commands_parse_with_the_cli():
     from services.gateway.auth import TokenSet
 
     assert TokenSet(tokens.splitlines()).check("Bearer change-me")
+
+
+def test_docker_compose_file_is_valid_for_a_real_compose(tmp_path):
+    """docker-compose 1.29 (Debian; scripts/install-system-deps.sh installs it) validates the schema,
+    and refuses a broken file, so a passing check means something."""
+    compose = ["docker-compose", "--log-level", "ERROR"]
+    checked = subprocess.run(
+        [*compose, "-f", str(REPO_ROOT / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stderr
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text("services:\n  gateway:\n    image: wlcad\n    ports: 50051\n")
+    refused = subprocess.run(
+        [*compose, "-f", str(broken), "config", "-q"], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0
+    assert "invalid type" in refused.stderr
