@@ -15,12 +15,11 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Sequence
-from email.parser import BytesParser
-from email.policy import HTTP
 from pathlib import Path
 
 from services.api import limits
 from services.api.convert import volume_from_proto
+from services.api.multipart import split_parts
 from services.api.pb import image_pb2
 from services.core.errors import InputError
 from services.core.io import read_image
@@ -134,15 +133,6 @@ def volume_from_file(
         return _read_guarded(path, suffix.lstrip("."), f"{field}.content")
 
 
-def _multipart_parts(body: bytes, content_type: str) -> list[bytes]:
-    message = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body
-    )
-    if not message.is_multipart():
-        raise InputError("the DICOMweb server did not answer multipart/related", field="image.dicomweb")
-    return [part.get_payload(decode=True) or b"" for part in message.iter_parts()]
-
-
 def volume_from_dicomweb(
     reference: image_pb2.DicomWebReference, servers: Sequence[str], timeout_s: float = 60.0
 ) -> Volume:
@@ -172,7 +162,7 @@ def volume_from_dicomweb(
         raise ConnectionError(f"DICOMweb server unreachable ({type(exc).__name__})") from exc
     if len(body) > limits.MAX_UPLOAD_BYTES:
         raise InputError("the series is larger than the upload limit", field=field)
-    parts = _multipart_parts(body, content_type)
+    parts = split_parts(body, content_type)  # views into body: written out without copies
     del body
     if not parts:
         raise InputError("the series holds no instances", field=field)
