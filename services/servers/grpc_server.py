@@ -23,6 +23,7 @@ from prometheus_client import start_http_server
 
 from services.api import limits
 from services.core.errors import InputError
+from services.servers.memory import limit_malloc_arenas
 
 log = logging.getLogger("wlcad.serving")
 
@@ -123,6 +124,7 @@ def run_service(
     on_stop: Callable[[], None] | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
+    limit_malloc_arenas()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
         options=grpc_options(),
