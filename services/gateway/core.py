@@ -193,11 +193,9 @@ class Gateway:
 
     async def unary(self, service: str, rpc: str, request: bytes, timeout_s: float | None) -> bytes:
         """One unary call; idempotent RPCs are retried with jittered back-off while UNAVAILABLE."""
-        started = time.perf_counter()
         target = self._target(service, rpc)
         deadline = self._deadline(timeout_s)
-        code = "OK"
-        try:
+        with _observed(target):
             async with self._admission:
                 attempt = 0
                 while True:
@@ -230,25 +228,15 @@ class Gateway:
                     target.retries.inc()
                     attempt += 1
                     await asyncio.sleep(backoff)
-        except GatewayError as error:
-            code = error.code.name
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            target.metrics.observe(code, started)
 
     async def stream(
         self, service: str, rpc: str, requests: AsyncIterator[bytes], timeout_s: float | None
     ) -> bytes:
         """A client-streaming call, forwarded message by message (never buffered whole, never retried:
         the stream cannot be replayed; the caller retries on UNAVAILABLE)."""
-        started = time.perf_counter()
         target = self._target(service, rpc)
         deadline = self._deadline(timeout_s)
-        code = "OK"
-        try:
+        with _observed(target):
             async with self._admission:
                 remaining = deadline - time.monotonic()
                 call = target.call(timeout=max(0.001, remaining))
@@ -260,14 +248,6 @@ class Gateway:
                     raise self._upstream_error(target.route, error) from None
                 target.up.set(1)
                 return response
-        except GatewayError as error:
-            code = error.code.name
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            target.metrics.observe(code, started)
 
     async def check_upstreams(self, timeout_s: float = 0.5) -> dict[str, bool]:
         """grpc.health.v1 Check on every upstream; updates ``upstream_serving`` and the up gauge."""
@@ -287,3 +267,20 @@ class Gateway:
 
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self._channels.values()))
+
+
+@contextlib.contextmanager
+def _observed(target):
+    """Count one routed call by its final status and time it (both RPC kinds end the same way)."""
+    started = time.perf_counter()
+    code = "OK"
+    try:
+        yield
+    except GatewayError as error:
+        code = error.code.name
+        raise
+    except asyncio.CancelledError:
+        code = "CANCELLED"
+        raise
+    finally:
+        target.metrics.observe(code, started)

@@ -38,6 +38,15 @@ def error_response(code: grpc.StatusCode, message: str) -> JSONResponse:
     return JSONResponse({"code": code.name, "message": message}, status_code=HTTP_STATUS.get(code, 500))
 
 
+def failure_response(error: Exception) -> JSONResponse:
+    """Map any failure of an endpoint to its HTTP answer: status mapped, 413 for size, never a stack trace."""
+    if isinstance(error, GatewayError):
+        return error_response(error.code, error.message)
+    if isinstance(error, _TooLargeError):
+        return JSONResponse({"code": "INVALID_ARGUMENT", "message": str(error)}, status_code=413)
+    return internal_error(error)
+
+
 def internal_error(error: Exception) -> JSONResponse:
     log.error("HTTP handler failure: %s", type(error).__name__)
     return error_response(grpc.StatusCode.INTERNAL, "internal gateway error")
@@ -117,12 +126,8 @@ class _Endpoints:
                     route.service, binding.rpc, message.SerializeToString(), timeout
                 )
                 return JSONResponse(_to_json(response_class.FromString(raw)))
-            except GatewayError as error:
-                return error_response(error.code, error.message)
-            except _TooLargeError as error:
-                return JSONResponse({"code": "INVALID_ARGUMENT", "message": str(error)}, status_code=413)
-            except Exception as error:  # never a stack trace to the client
-                return internal_error(error)
+            except Exception as error:
+                return failure_response(error)
 
         return endpoint
 
@@ -172,12 +177,8 @@ class _Endpoints:
                 finally:
                     await form.close()
                 return JSONResponse(_to_json(response_class.FromString(raw)))
-            except GatewayError as error:
-                return error_response(error.code, error.message)
-            except _TooLargeError as error:
-                return JSONResponse({"code": "INVALID_ARGUMENT", "message": str(error)}, status_code=413)
-            except Exception as error:  # never a stack trace to the client
-                return internal_error(error)
+            except Exception as error:
+                return failure_response(error)
 
         return endpoint
 
