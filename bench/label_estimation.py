@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
+from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
 from services.label_estimation.model import UnetModel
 from services.label_estimation.pipeline import LabelEstimator
-from services.label_estimation.prompt import LesionPrompt
 from services.label_estimation.voi import VOI_SIZE
 
 

@@ -119,7 +119,7 @@ def test_streamed_upload_of_a_volume_larger_than_one_message(stack):
 
 def test_files_and_dicom_zips_are_read_by_the_service(stack, sample):
     client = LabelEstimationClient(stack.grpc_address)
-    from services.label_estimation.prompt import LesionPrompt
+    from services.core.lesion_prompt import LesionPrompt
 
     for name in ("ct-dicom-series", "chest-xray", "brain-t1-nifti"):
         path = sample(name)

@@ -17,14 +17,14 @@ from scipy.spatial.transform import Rotation
 
 from services.core.errors import InputError
 from services.core.io import read_image, write_image
+from services.core.lesion_mask import world_coordinates
 from services.core.lesion_measurements import dice
+from services.core.lesion_prompt import LesionPrompt
+from services.core.manifest import read_lesions
 from services.core.volume import Volume
-from services.label_estimation.batch import read_manifest
 from services.label_estimation.circus_label import circus_voxel_label, unpack_circus_voxels
 from services.label_estimation.dose import Isodose, dose_labels, read_rtdose
 from services.label_estimation.pipeline import LabelEstimator
-from services.label_estimation.prompt import LesionPrompt
-from services.label_estimation.region import world_coordinates
 from services.label_estimation.shapes import (
     ellipsoid_mask,
     prompt_from_circus_ellipsoid,
@@ -132,7 +132,7 @@ def brain(tmp_path_factory) -> Path:
 def _mean_dice(manifest: Path, method: str) -> float:
     estimator = LabelEstimator()
     scores = []
-    for lesion in read_manifest(manifest):
+    for lesion in read_lesions(manifest):
         image, truth = read_image(lesion.image), read_image(lesion.truth)
         estimate = estimator.estimate(image, [lesion.prompt], method)[0]
         scores.append(dice(estimate.mask.full(), truth.array == lesion.prompt.lesion_id))
@@ -154,7 +154,7 @@ def test_classic_baselines_beat_the_sphere_on_phantoms_of_both_polarities(fixtur
 
 
 def test_estimates_carry_measurements_and_qc(liver: Path) -> None:
-    lesion = read_manifest(liver)[0]
+    lesion = read_lesions(liver)[0]
     image = read_image(lesion.image)
     estimate = LabelEstimator().estimate(image, [lesion.prompt], "threshold")[0]
     report = estimate.report()

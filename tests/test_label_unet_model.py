@@ -14,7 +14,7 @@ import pytest
 
 from services.core.io import read_image
 from services.core.lesion_measurements import dice
-from services.label_estimation.batch import read_manifest
+from services.core.manifest import read_lesions
 from services.label_estimation.model import UnetModel
 from services.label_estimation.pipeline import LabelEstimator
 from training.data.dataset import write_dataset
@@ -50,7 +50,7 @@ def _scores(
     manifest: Path, estimator: LabelEstimator, methods=("sphere", "random-walker", "unet")
 ) -> dict[str, float]:
     scores: dict[str, list[float]] = {m: [] for m in methods}
-    for lesion in read_manifest(manifest):
+    for lesion in read_lesions(manifest):
         image, truth = read_image(lesion.image), read_image(lesion.truth)
         for method in methods:
             mask = estimator.estimate(image, [lesion.prompt], method)[0].mask.full()
@@ -74,7 +74,7 @@ def test_shipped_unet_with_inverted_polarity_and_thick_slices(
 ) -> None:
     """The same brain lesions with the contrast inverted, and resampled to 5 mm slices."""
     normal, inverted, thick = [], [], []
-    for lesion in read_manifest(fresh_sets["brain-mr-metastasis"]):
+    for lesion in read_lesions(fresh_sets["brain-mr-metastasis"]):
         image, truth = read_image(lesion.image), read_image(lesion.truth)
         target = truth.array == lesion.prompt.lesion_id
         normal.append(dice(estimator.estimate(image, [lesion.prompt], "unet")[0].mask.full(), target))

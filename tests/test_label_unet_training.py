@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from services.core.manifest import read_lesions
 from services.inference.export import register_onnx_model
-from services.label_estimation.batch import read_manifest
 from services.label_estimation.model import UnetModel
 from services.label_estimation.pipeline import LabelEstimator
 from services.label_estimation.unet import MODEL_NAME
@@ -38,7 +38,7 @@ def test_training_command_produces_a_servable_model(tmp_path: Path) -> None:
         repository, MODEL_NAME, out / "model.onnx", command="test", data_manifest="test", seed=0, metrics={}
     )
     manifest = next((out / "data").glob("*/manifest.csv"))
-    lesion = next(lesion for lesion in read_manifest(manifest) if lesion.prompt is not None)
+    lesion = next(lesion for lesion in read_lesions(manifest) if lesion.prompt is not None)
     from services.core.io import read_image
 
     image = read_image(lesion.image)
@@ -53,7 +53,7 @@ def test_training_command_produces_a_servable_model(tmp_path: Path) -> None:
 
 def test_training_vois_are_cut_like_serving_and_targets_match(tmp_path: Path) -> None:
     write_dataset("brain-mr-metastasis", 1, 77, tmp_path, size_xyz=(128, 128, 64))
-    lesions = read_manifest(tmp_path / "manifest.csv")
+    lesions = read_lesions(tmp_path / "manifest.csv")
     vois = lesion_vois(lesions, "brain-mr-metastasis", variants=2, seed=0)
     assert vois.images.shape[1:] == (1, VOI_SIZE, VOI_SIZE, VOI_SIZE)
     assert vois.images.dtype == np.float32 and vois.images.min() >= 0 and vois.images.max() <= 1

@@ -13,7 +13,7 @@ from services.api import http_client
 from services.api.client import LabelEstimationClient, zip_folder
 from services.api.pb import label_estimation_pb2 as pb
 from services.core.io import read_image
-from services.label_estimation.prompt import LesionPrompt
+from services.core.lesion_prompt import LesionPrompt
 from tests.serving_support import start_stack
 
 pytestmark = pytest.mark.timeout(180)

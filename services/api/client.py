@@ -21,10 +21,10 @@ from services.api.convert import unpack_mask, volume_to_proto
 from services.api.pb import image_pb2
 from services.api.pb import label_estimation_pb2 as pb
 from services.api.pb import label_estimation_pb2_grpc as pb_grpc
+from services.core.lesion_mask import LesionMask
+from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
 from services.label_estimation.pipeline import LesionEstimate
-from services.label_estimation.prompt import LesionPrompt
-from services.label_estimation.region import LesionMask
 
 UNARY_LIMIT_BYTES = 16 * 1024 * 1024
 UPLOAD_METHOD = "/wlcad.v1.LabelEstimation/EstimateUpload"

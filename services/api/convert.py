@@ -14,8 +14,8 @@ import numpy as np
 from services.api import limits
 from services.api.pb import image_pb2, label_estimation_pb2
 from services.core.errors import InputError
+from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
-from services.label_estimation.prompt import LesionPrompt
 
 #: The voxel types a volume may travel as, by their numpy name.
 DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")

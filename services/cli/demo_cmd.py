@@ -122,7 +122,7 @@ def _phantom_cases(out: Path, cases: int, seed: int) -> list[tuple[str, Path, li
 def run(args: argparse.Namespace) -> int:
     from services.api.client import LabelEstimationClient, estimates_from_response
     from services.core.io import read_image
-    from services.label_estimation.prompt import LesionPrompt
+    from services.core.lesion_prompt import LesionPrompt
 
     token = os.environ.get(args.token_env) or None
     out: Path = args.out
@@ -230,8 +230,8 @@ def _real_sample(
     from services.api import http_client
     from services.api.client import prompt_messages, zip_folder
     from services.api.pb import label_estimation_pb2 as pb
+    from services.core.lesion_prompt import LesionPrompt
     from services.core.sample_data import sample_path
-    from services.label_estimation.prompt import LesionPrompt
 
     path = sample_path(name)
     image = read_image(path)

@@ -9,8 +9,8 @@ from pathlib import Path
 from services.cli.arguments import positive_number, triplet
 from services.core.errors import InputError
 from services.core.io import read_image
+from services.core.lesion_prompt import LesionPrompt, prompt_from_voxel
 from services.label_estimation.pipeline import METHODS, LabelEstimator, LesionEstimate
-from services.label_estimation.prompt import LesionPrompt, prompt_from_voxel
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -111,9 +111,10 @@ def _write_single(args: argparse.Namespace, image, estimates: list[LesionEstimat
 def _run_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from services.label_estimation.batch import read_manifest, run_batch
+    from services.core.manifest import read_lesions
+    from services.label_estimation.batch import run_batch
 
-    total = len(read_manifest(args.manifest))
+    total = len(read_lesions(args.manifest))
     estimator, model = _estimator(args.method)
     try:
         with tqdm(total=total, unit="lesion", file=sys.stderr, disable=None) as bar:

@@ -130,7 +130,7 @@ def run_train(args: argparse.Namespace) -> int:
     _require_training_extra()
     from tqdm import tqdm
 
-    from services.label_estimation.batch import read_manifest
+    from services.core.manifest import read_lesions
     from training.label_unet.experiment import phantom_manifests, type_vois
     from training.label_unet.network import export_onnx
     from training.label_unet.samples import lesion_vois
@@ -141,7 +141,7 @@ def run_train(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     manifests = phantom_manifests(args.out / "data", args.types, args.cases, args.seed)
     sets = list(type_vois(manifests, args.variants, args.seed, args.out / "cache").values())
-    sets += [lesion_vois(read_manifest(path), path.stem, args.variants, args.seed) for path in args.manifest]
+    sets += [lesion_vois(read_lesions(path), path.stem, args.variants, args.seed) for path in args.manifest]
     samples = concatenate(sets)
     with tqdm(total=settings.steps, unit="step", file=sys.stderr, disable=None) as bar:
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import csv
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from services.core.atomic import atomic_output
 from services.core.errors import InputError
+from services.core.lesion_prompt import LesionPrompt
 
 REQUIRED_COLUMNS = (
     "case_id", "image", "mask", "lesion_id", "center_x_mm", "center_y_mm", "center_z_mm",
@@ -137,3 +139,39 @@ def read_manifest(
                     }
                 )
     return rows
+
+
+@dataclass(frozen=True)
+class ManifestLesion:
+    """One lesion row of a manifest as every capability reads it: its weak label (``prompt``), the exact
+    mask file if known (``truth``), or the row's error for a batch to record and skip."""
+
+    case_id: str
+    image: Path
+    truth: Path | None
+    lesion_type: str
+    prompt: LesionPrompt | None
+    error: str | None = None
+    raw_lesion_id: str = ""
+
+
+def read_lesions(path: str | os.PathLike[str]) -> list[ManifestLesion]:
+    """Rows with a lesion (an empty lesion_id is a lesion-free case, skipped). Bad rows carry their error."""
+    lesions = []
+    for row in read_manifest(path, check_files=False, strict=False):
+        if "error" in row:
+            lesion_id = str(row["lesion_id"])
+            if lesion_id.strip():
+                lesions.append(
+                    ManifestLesion(row["case_id"], Path(path), None, "", None, row["error"], lesion_id)
+                )
+            continue
+        if row["lesion_id"] is None:
+            continue
+        prompt = LesionPrompt(
+            (row["center_x_mm"], row["center_y_mm"], row["center_z_mm"]), row["diameter_mm"], row["lesion_id"]
+        )
+        lesions.append(
+            ManifestLesion(row["case_id"], row["image"], row["mask"], row.get("lesion_type") or "", prompt)
+        )
+    return lesions

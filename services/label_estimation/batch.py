@@ -13,17 +13,15 @@ import csv
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from services.core.errors import InputError
 from services.core.io import read_image
 from services.core.lesion_measurements import dice
-from services.core.manifest import read_manifest as read_rows
+from services.core.manifest import ManifestLesion, read_lesions
 from services.core.volume import Volume
 from services.label_estimation.outputs import write_json, write_mask
 from services.label_estimation.pipeline import LabelEstimator, LesionEstimate
-from services.label_estimation.prompt import LesionPrompt
 
 log = logging.getLogger(__name__)
 
@@ -42,39 +40,6 @@ SUMMARY_COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
-class ManifestLesion:
-    case_id: str
-    image: Path
-    truth: Path | None
-    lesion_type: str
-    prompt: LesionPrompt | None
-    error: str | None = None
-    raw_lesion_id: str = ""
-
-
-def read_manifest(path: Path) -> list[ManifestLesion]:
-    """Rows with a lesion (an empty lesion_id is a lesion-free case, skipped). Bad rows carry their error."""
-    lesions = []
-    for row in read_rows(path, check_files=False, strict=False):
-        if "error" in row:
-            lesion_id = str(row["lesion_id"])
-            if lesion_id.strip():
-                lesions.append(
-                    ManifestLesion(row["case_id"], Path(path), None, "", None, row["error"], lesion_id)
-                )
-            continue
-        if row["lesion_id"] is None:
-            continue
-        prompt = LesionPrompt(
-            (row["center_x_mm"], row["center_y_mm"], row["center_z_mm"]), row["diameter_mm"], row["lesion_id"]
-        )
-        lesions.append(
-            ManifestLesion(row["case_id"], row["image"], row["mask"], row.get("lesion_type") or "", prompt)
-        )
-    return lesions
-
-
 def _row_id(lesion: ManifestLesion) -> str:
     return str(lesion.prompt.lesion_id) if lesion.prompt else (lesion.raw_lesion_id or "invalid")
 
@@ -87,7 +52,7 @@ def run_batch(
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Estimate every lesion of the manifest into ``out``; returns the summary CSV's path."""
-    lesions = read_manifest(manifest)
+    lesions = read_lesions(manifest)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

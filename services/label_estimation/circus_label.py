@@ -11,7 +11,7 @@ import hashlib
 
 import numpy as np
 
-from services.label_estimation.region import LesionMask
+from services.core.lesion_mask import LesionMask
 
 
 def circus_voxel_label(mask: LesionMask) -> tuple[dict, bytes]:

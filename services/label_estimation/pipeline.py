@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.core.errors import InputError
+from services.core.lesion_mask import LesionMask
 from services.core.lesion_measurements import measure_lesion
+from services.core.lesion_prompt import LesionPrompt, validated_prompt
 from services.core.volume import Volume
-from services.label_estimation.prompt import LesionPrompt, validated_prompt
 from services.label_estimation.random_walker import random_walker_mask
-from services.label_estimation.region import LesionMask
 from services.label_estimation.shapes import prompt_ellipsoid_mask, sphere_mask
 from services.label_estimation.threshold import threshold_mask
 from services.label_estimation.unet import MODEL_NAME, InferFunction, unet_masks

@@ -12,10 +12,10 @@ import warnings
 import numpy as np
 from skimage.segmentation import random_walker
 
+from services.core.components import component_at
+from services.core.lesion_mask import LesionMask
+from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
-from services.label_estimation.components import component_at
-from services.label_estimation.prompt import LesionPrompt
-from services.label_estimation.region import LesionMask
 from services.label_estimation.voi import LESION_FRACTION, VOI_SIZE, extract_voi, probability_to_image
 
 INNER_SEED_FRACTION = 0.4

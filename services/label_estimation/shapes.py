@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from services.core.errors import InputError
+from services.core.lesion_mask import LesionMask, box_around, world_coordinates
+from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
-from services.label_estimation.prompt import LesionPrompt
-from services.label_estimation.region import LesionMask, box_around, world_coordinates
 
 
 def ellipsoid_mask(

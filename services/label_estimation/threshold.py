@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 from skimage.filters import threshold_otsu
 
+from services.core.components import component_at
+from services.core.lesion_mask import LesionMask, box_around, world_coordinates
+from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
-from services.label_estimation.components import component_at
-from services.label_estimation.prompt import LesionPrompt
-from services.label_estimation.region import LesionMask, box_around, world_coordinates
 
 SPHERE_ENLARGEMENT = 1.25
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.core.components import component_at
+from services.core.lesion_mask import LesionMask
+from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
-from services.label_estimation.components import component_at
-from services.label_estimation.prompt import LesionPrompt
-from services.label_estimation.region import LesionMask
 from services.label_estimation.voi import Voi, extract_voi, probability_to_image
 
 MODEL_NAME = "label_unet3d"

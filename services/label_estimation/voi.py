@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.core.lesion_mask import box_around
+from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
-from services.label_estimation.prompt import LesionPrompt
-from services.label_estimation.region import box_around
 
 #: Voxels along each VOI edge (the network's input size): 32³ keeps CPU training within 30 minutes
 #: and per-lesion inference within a few milliseconds; the lesion still spans 16 voxels.

@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw
 
 from services.core.io import read_image
 from services.core.lesion_measurements import dice
+from services.core.manifest import ManifestLesion
 from services.core.volume import Volume
-from services.label_estimation.batch import ManifestLesion
 from services.label_estimation.pipeline import LabelEstimator
 
 #: Overlay colours: correct (both) yellow, missed (truth only) green, extra (estimate only) red.

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from services.core.manifest import read_lesions
 from services.inference.export import register_onnx_model
-from services.label_estimation.batch import read_manifest
 from services.label_estimation.model import UnetModel
 from services.label_estimation.pipeline import LabelEstimator
 from services.label_estimation.unet import MODEL_NAME
@@ -71,7 +71,7 @@ def type_vois(manifests: dict[str, Path], variants: int, seed: int, cache: Path)
         if path.is_file():
             sets[lesion_type] = VoiSet.load(path)
         else:
-            sets[lesion_type] = lesion_vois(read_manifest(manifest), lesion_type, variants, seed + index)
+            sets[lesion_type] = lesion_vois(read_lesions(manifest), lesion_type, variants, seed + index)
             path.parent.mkdir(parents=True, exist_ok=True)
             sets[lesion_type].save(path)
     return sets
@@ -94,7 +94,7 @@ def evaluate_onnx(
         )
         with UnetModel(setting="embedded", repository=repository) as model:
             estimator = LabelEstimator(model.infer, model.version, model.max_batch)
-            lesions = [lesion for lesion in read_manifest(manifest) if lesion.prompt is not None]
+            lesions = [lesion for lesion in read_lesions(manifest) if lesion.prompt is not None]
             rows = evaluate(lesions, methods, estimator, overlays)
     for row in rows:
         row["lesion_type"] = lesion_type

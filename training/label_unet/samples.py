@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from services.core.io import read_image
-from services.label_estimation.batch import ManifestLesion, read_manifest
-from services.label_estimation.prompt import LesionPrompt
+from services.core.lesion_prompt import LesionPrompt
+from services.core.manifest import ManifestLesion, read_lesions
 from services.label_estimation.voi import VOI_SIZE, extract_voi
 from training.label_unet.voi_set import VoiSet, concatenate
 
@@ -64,7 +64,7 @@ def vois_from_manifests(manifests: dict[str, Path], variants: int, seed: int) ->
     """VOIs of every lesion of each ``group → manifest``."""
     return concatenate(
         [
-            lesion_vois(read_manifest(path), group, variants, seed + i)
+            lesion_vois(read_lesions(path), group, variants, seed + i)
             for i, (group, path) in enumerate(manifests.items())
         ]
     )
