@@ -11,7 +11,6 @@ from services.api import codegen
 from services.api.convert import (
     DTYPES,
     pack_mask,
-    prompts_from_proto,
     unpack_mask,
     volume_from_proto,
     volume_to_proto,
@@ -20,6 +19,7 @@ from services.api.pb import image_pb2
 from services.api.pb import label_estimation_pb2 as pb
 from services.core.errors import InputError
 from services.core.volume import Volume
+from services.label_estimation.wire import prompts_from_proto
 
 
 def test_generated_code_is_current_and_not_tracked():

@@ -80,20 +80,23 @@ def test_ellipsoid_recist_and_circus_prompts() -> None:
 
 
 @pytest.mark.parametrize(
-    ("prompt", "field"),
+    ("center_mm", "diameter_mm", "field"),
     [
-        (LesionPrompt((500.0, 0.0, 0.0), 10.0), "center_mm"),
-        (LesionPrompt((20.0, 20.0, 20.0), 0.0), "diameter_mm"),
-        (LesionPrompt((20.0, 20.0, 20.0), -4.0), "diameter_mm"),
-        (LesionPrompt((20.0, 20.0, 20.0), 900.0), "diameter_mm"),
-        (LesionPrompt((20.0, float("nan"), 20.0), 10.0), "center_mm"),
-        (LesionPrompt((20.0, 20.0, 20.0), float("inf")), "diameter_mm"),
+        ((500.0, 0.0, 0.0), 10.0, "center_mm"),  # outside the image: the pipeline's check
+        ((20.0, 20.0, 20.0), 0.0, "diameter_mm"),
+        ((20.0, 20.0, 20.0), -4.0, "diameter_mm"),
+        ((20.0, 20.0, 20.0), 900.0, "diameter_mm"),  # larger than the image: the pipeline's check
+        ((20.0, float("nan"), 20.0), 10.0, "center_mm"),
+        ((20.0, 20.0, 20.0), float("inf"), "diameter_mm"),
+        ((20.0, 20.0), 10.0, "center_mm"),
     ],
 )
-def test_bad_prompts_name_the_field(prompt: LesionPrompt, field: str) -> None:
+def test_bad_prompts_name_the_field(center_mm, diameter_mm, field: str) -> None:
+    """Malformed values are refused when the prompt is made, values that do not fit the image by the
+    pipeline; either way the error names the field."""
     image = Volume(np.zeros((40, 80, 80), np.int16), (0.5, 0.5, 1.0))
     with pytest.raises(InputError) as caught:
-        LabelEstimator().estimate(image, [prompt], "sphere")
+        LabelEstimator().estimate(image, [LesionPrompt(center_mm, diameter_mm)], "sphere")
     assert caught.value.field == field
 
 

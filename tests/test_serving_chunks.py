@@ -1,5 +1,6 @@
-"""The hand-written chunk wire form (services/api/chunks.py) must be exactly protobuf's, and anything
-else must fall back to protobuf, so the fast upload path cannot change what a message means."""
+"""The hand-written chunk wire form (services/api/chunks.py, tags from the descriptor in
+services/api/upload.py) must be exactly protobuf's, and anything else must fall back to protobuf,
+so the fast upload path cannot change what a message means."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.api.chunks import chunk_data, encode_chunk
 from services.api.pb import image_pb2
 from services.api.pb import label_estimation_pb2 as pb
+from services.api.upload import upload_shape
+
+SHAPE = upload_shape(pb.EstimateUploadMessage.DESCRIPTOR)
+encode_chunk, chunk_data = SHAPE.encode_chunk, SHAPE.chunk_data
 
 
 def _protobuf(data: bytes) -> bytes:
@@ -39,3 +43,14 @@ def test_other_messages_are_left_to_protobuf():
     assert chunk_data(extra_field) is None
     assert chunk_data(_protobuf(data)[:-1]) is None  # truncated
     assert chunk_data(b"") is None
+
+
+def test_the_shape_is_found_from_the_descriptor_alone():
+    assert SHAPE.request_field.name == "request" and SHAPE.chunk_field.name == "chunk"
+    assert SHAPE.request_class is pb.EstimateRequest
+    assert upload_shape(pb.EstimateRequest.DESCRIPTOR) is None  # not an upload message
+    first = SHAPE.first_message(pb.EstimateRequest(method="sphere"))
+    assert pb.EstimateUploadMessage.FromString(first).request.method == "sphere"
+    data = bytes(range(256)) * 40
+    joined = b"".join(bytes(chunk_data(m)) for m in SHAPE.chunk_messages(data, size=1000))
+    assert joined == data

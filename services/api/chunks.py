@@ -1,7 +1,7 @@
 """The wire form of an upload's chunk message, written and read without protobuf objects.
 
 A 150 MiB volume crosses the client, the gateway and the service as ~40 chunk messages
-``EstimateUploadMessage{chunk: ImageChunk{data}}``. Going through protobuf objects costs three or
+``<Upload message>{chunk: ImageChunk{data}}`` (the upload shape of ``common.proto``). Going through protobuf objects costs three or
 four full copies of the voxels per process (slice → ``bytes``, into the message, serialised, and on
 the way back parsed and read out), which on two shared cores was most of the upload's time. The
 chunk form is two length-delimited fields around the data, so it is written with one join and read
@@ -12,11 +12,15 @@ through protobuf as before, so validation and error messages do not change.
 
 from __future__ import annotations
 
-#: Field 2 of ``EstimateUploadMessage`` (``chunk``) and field 1 of ``ImageChunk`` (``data``), both
-#: length-delimited (wire type 2). ``tests/test_serving_chunks.py`` checks them against protobuf.
-_CHUNK_TAG = 0x12
-_DATA_TAG = 0x0A
-_EMPTY_CHUNK = bytes((_CHUNK_TAG, 0))
+#: Wire type of a length-delimited field (a message or bytes).
+_LENGTH_DELIMITED = 2
+
+
+def field_tag(number: int) -> int:
+    """The one-byte tag of length-delimited field ``number`` (1..15: the upload shape's fields are)."""
+    if not 1 <= number <= 15:
+        raise ValueError(f"the chunk wire form needs field numbers 1..15, got {number}")
+    return (number << 3) | _LENGTH_DELIMITED
 
 
 def _varint(value: int) -> bytes:
@@ -41,28 +45,29 @@ def _read_varint(view: memoryview, position: int) -> tuple[int, int]:
     return -1, -1
 
 
-def encode_chunk(data: bytes | bytearray | memoryview) -> bytes:
-    """The serialised ``EstimateUploadMessage(chunk=ImageChunk(data=data))``, with one copy of data."""
+def encode_chunk(data: bytes | bytearray | memoryview, chunk_tag: int, data_tag: int) -> bytes:
+    """The serialised ``Upload(chunk=ImageChunk(data=data))``, with one copy of data; the tags come from
+    :func:`field_tag` of the chunk field and of ``ImageChunk.data``."""
     size = len(data)
     if size == 0:
-        return _EMPTY_CHUNK  # protobuf leaves an empty bytes field out
+        return bytes((chunk_tag, 0))  # protobuf leaves an empty bytes field out
     inner = _varint(size)
-    header = bytes((_CHUNK_TAG,)) + _varint(1 + len(inner) + size) + bytes((_DATA_TAG,)) + inner
+    header = bytes((chunk_tag,)) + _varint(1 + len(inner) + size) + bytes((data_tag,)) + inner
     return b"".join((header, data))
 
 
-def chunk_data(message: bytes) -> memoryview | None:
+def chunk_data(message: bytes, chunk_tag: int, data_tag: int) -> memoryview | None:
     """The chunk's data as a view into ``message`` when ``message`` is exactly one chunk field holding
     one data field (what :func:`encode_chunk` and protobuf write); ``None`` for anything else."""
     view = memoryview(message)
-    if len(view) < 2 or view[0] != _CHUNK_TAG:
+    if len(view) < 2 or view[0] != chunk_tag:
         return None
     outer, position = _read_varint(view, 1)
     if outer < 0 or position + outer != len(view):
         return None
     if outer == 0:
         return view[position:position]
-    if view[position] != _DATA_TAG:
+    if view[position] != data_tag:
         return None
     size, start = _read_varint(view, position + 1)
     if size < 0 or start + size != len(view):

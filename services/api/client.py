@@ -16,18 +16,19 @@ import grpc
 import numpy as np
 
 from services.api import limits
-from services.api.chunks import encode_chunk
-from services.api.convert import unpack_mask, volume_to_proto
-from services.api.pb import image_pb2
+from services.api.convert import volume_to_proto
+from services.api.pb import common_pb2, image_pb2
 from services.api.pb import label_estimation_pb2 as pb
 from services.api.pb import label_estimation_pb2_grpc as pb_grpc
-from services.core.lesion_mask import LesionMask
+from services.api.upload import upload_shape
 from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
 from services.label_estimation.pipeline import LesionEstimate
+from services.label_estimation.wire import estimates_from_proto, prompts_to_proto
 
 UNARY_LIMIT_BYTES = 16 * 1024 * 1024
 UPLOAD_METHOD = "/wlcad.v1.LabelEstimation/EstimateUpload"
+UPLOAD = upload_shape(pb.EstimateUploadMessage.DESCRIPTOR)
 
 
 def channel(
@@ -44,18 +45,6 @@ def channel(
     return grpc.secure_channel(address, credentials, options=options)
 
 
-def prompt_messages(prompts: Sequence[LesionPrompt]) -> list[pb.LesionPrompt]:
-    return [
-        pb.LesionPrompt(
-            lesion_id=p.lesion_id,
-            center_mm=list(p.center_mm),
-            diameter_mm=p.diameter_mm,
-            axes_mm=list(p.axes_mm or ()),
-        )
-        for p in prompts
-    ]
-
-
 def zip_folder(folder: Path) -> bytes:
     """A DICOM series folder as an in-memory zip (stored, DICOM pixels are often compressed already)."""
     buffer = io.BytesIO()
@@ -63,13 +52,6 @@ def zip_folder(folder: Path) -> bytes:
         for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
             zipped.write(path, path.relative_to(folder).as_posix())
     return buffer.getvalue()
-
-
-def _chunks(data: bytes | memoryview, size: int = limits.MAX_CHUNK_BYTES) -> Iterator[bytes]:
-    """Serialised chunk messages, each written straight from a view of ``data`` (one copy)."""
-    view = memoryview(data).cast("B")  # byte offsets, whatever the caller's item format
-    for start in range(0, len(view), size):
-        yield encode_chunk(view[start : start + size])
 
 
 class LabelEstimationClient:
@@ -93,8 +75,8 @@ class LabelEstimationClient:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def describe(self, timeout: float = 10.0) -> pb.ServiceDescription:
-        return self._stub.Describe(pb.DescribeRequest(), timeout=timeout, metadata=self._metadata)
+    def describe(self, timeout: float = 10.0) -> common_pb2.ServiceDescription:
+        return self._stub.Describe(common_pb2.DescribeRequest(), timeout=timeout, metadata=self._metadata)
 
     def estimate_request(self, request: pb.EstimateRequest, timeout: float = 120.0) -> pb.EstimateResponse:
         return self._stub.Estimate(request, timeout=timeout, metadata=self._metadata)
@@ -103,7 +85,7 @@ class LabelEstimationClient:
         self, volume: Volume, prompts: Sequence[LesionPrompt], method: str, timeout: float = 120.0
     ) -> pb.EstimateResponse:
         """Unary for small volumes, a chunked upload for big ones."""
-        lesions = prompt_messages(prompts)
+        lesions = prompts_to_proto(prompts)
         if volume.array.nbytes <= UNARY_LIMIT_BYTES:
             source = image_pb2.ImageSource(volume=volume_to_proto(volume))
             return self.estimate_request(
@@ -123,7 +105,7 @@ class LabelEstimationClient:
         path = Path(path)
         content = zip_folder(path) if path.is_dir() else path.read_bytes()
         filename = f"{path.name}.zip" if path.is_dir() else path.name
-        lesions = prompt_messages(prompts)
+        lesions = prompts_to_proto(prompts)
         if len(content) <= UNARY_LIMIT_BYTES:
             source = image_pb2.ImageSource(file=image_pb2.ImageFile(filename=filename, content=content))
             return self.estimate_request(
@@ -136,8 +118,8 @@ class LabelEstimationClient:
         self, request: pb.EstimateRequest, data: bytes | memoryview, timeout: float = 120.0
     ) -> pb.EstimateResponse:
         def messages() -> Iterator[bytes]:
-            yield pb.EstimateUploadMessage(request=request).SerializeToString()
-            yield from _chunks(data)
+            yield UPLOAD.first_message(request)
+            yield from UPLOAD.chunk_messages(data)
 
         return self._upload(messages(), timeout=timeout, metadata=self._metadata)
 
@@ -153,31 +135,5 @@ class LabelEstimationClient:
 def estimates_from_response(
     image: Volume, prompts: Sequence[LesionPrompt], response: pb.EstimateResponse
 ) -> list[LesionEstimate]:
-    """The pipeline's own result objects, rebuilt on the client's copy of the image grid, so the
-    output writers (label map, SEG, CIRCUS labels) run unchanged on the client."""
-    by_id = {p.lesion_id: p for p in prompts}
-    estimates = []
-    for lesion in response.lesions:
-        start, mask = unpack_mask(lesion.mask)
-        qc = {
-            "passed": lesion.qc.passed,
-            "empty": lesion.qc.empty,
-            "diameter_ratio": lesion.qc.diameter_ratio,
-        }
-        measurements = {
-            "voxels": int(lesion.measurements.voxels),
-            "volume_mm3": lesion.measurements.volume_mm3,
-            "max_diameter_mm": lesion.measurements.max_diameter_mm,
-        }
-        estimates.append(
-            LesionEstimate(
-                lesion.lesion_id,
-                lesion.method,
-                by_id[lesion.lesion_id],
-                LesionMask(image, start, mask),
-                qc,
-                measurements,
-                lesion.model_version or None,
-            )
-        )
-    return estimates
+    """The pipeline's own typed results (every field the proto carries) on the client's image grid."""
+    return estimates_from_proto(image, prompts, response)

@@ -1,4 +1,5 @@
-"""Volume ↔ ``wlcad.v1.Volume`` and masks ↔ ``PackedMask``, validating every field on the way in.
+"""Volume ↔ ``wlcad.v1.Volume``, masks ↔ ``PackedMask`` and ``Measurements``: the messages every
+capability shares, validating every field on the way in.
 
 Field names in errors are the request's proto paths (``image.volume.shape_xyz``,
 ``lesions[2].center_mm``) so a client can tell exactly what to fix.
@@ -12,9 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from services.api import limits
-from services.api.pb import image_pb2, label_estimation_pb2
+from services.api.pb import common_pb2, image_pb2
 from services.core.errors import InputError
-from services.core.lesion_prompt import LesionPrompt
+from services.core.lesion_measurements import Measurements
 from services.core.volume import Volume
 
 #: The voxel types a volume may travel as, by their numpy name.
@@ -126,24 +127,24 @@ def unpack_mask(message: image_pb2.PackedMask) -> tuple[tuple[int, int, int], np
     return start, bits.astype(bool).reshape(size[2], size[1], size[0])
 
 
-def prompts_from_proto(lesions: Sequence[label_estimation_pb2.LesionPrompt]) -> list[LesionPrompt]:
-    """The weak labels of a request; their fit to the image is checked by the pipeline."""
-    if not lesions:
-        raise InputError("give at least one lesion", field="lesions")
-    if len(lesions) > limits.MAX_LESIONS:
-        raise InputError(
-            f"at most {limits.MAX_LESIONS} lesions per request, got {len(lesions)}", field="lesions"
-        )
-    prompts = []
-    for index, lesion in enumerate(lesions):
-        field = f"lesions[{index}]"
-        if not 1 <= lesion.lesion_id <= 65535:
-            raise InputError(f"must be 1..65535, got {lesion.lesion_id}", field=f"{field}.lesion_id")
-        center = _finite_triplet(lesion.center_mm, f"{field}.center_mm")
-        if not math.isfinite(lesion.diameter_mm) or lesion.diameter_mm <= 0:
-            raise InputError(
-                f"must be a finite number of mm > 0, got {lesion.diameter_mm}", field=f"{field}.diameter_mm"
-            )
-        axes = _finite_triplet(lesion.axes_mm, f"{field}.axes_mm", positive=True) if lesion.axes_mm else None
-        prompts.append(LesionPrompt(center, float(lesion.diameter_mm), int(lesion.lesion_id), axes))
-    return prompts
+def measurements_to_proto(values: Measurements) -> common_pb2.Measurements:
+    return common_pb2.Measurements(
+        voxels=values.voxels,
+        volume_mm3=values.volume_mm3,
+        center_mm=list(values.center_mm or ()),
+        max_diameter_mm=values.max_diameter_mm,
+        axial_long_mm=values.axial_long_mm,
+        axial_short_mm=values.axial_short_mm,
+    )
+
+
+def measurements_from_proto(message: common_pb2.Measurements) -> Measurements:
+    center = tuple(float(v) for v in message.center_mm)
+    return Measurements(
+        voxels=int(message.voxels),
+        volume_mm3=message.volume_mm3,
+        center_mm=center if len(center) == 3 else None,  # type: ignore[arg-type]
+        max_diameter_mm=message.max_diameter_mm,
+        axial_long_mm=message.axial_long_mm,
+        axial_short_mm=message.axial_short_mm,
+    )

@@ -1,8 +1,10 @@
-"""``wlcad serve``: run the label-estimation service, the gateway, or both (``all``) as processes.
+"""``wlcad serve``: run a capability's service, the gateway, or everything (``all``) as processes.
 
-``all`` starts each part as its own child process (Triton too with ``--backend triton``), restarts a
-service that dies, and stops them all on SIGTERM/Ctrl-C — what ``make run`` and the Helm chart's
-single-node profile use. Every address defaults to 127.0.0.1.
+One sub-command per entry of the capability table (``services/capabilities.py``), all with the same
+options; ``all`` starts each capability's service as its own child process (Triton too with
+``--backend triton``) on the table's default ports, then the gateway routed to them, restarts a
+service that dies, and stops them all on SIGTERM/Ctrl-C — what ``make run`` uses. Every address
+defaults to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -17,36 +19,36 @@ import time
 import warnings
 from pathlib import Path
 
+from services.capabilities import CAPABILITIES, Capability
 from services.core.errors import InputError
 from services.gateway.routes import DEFAULT_UPSTREAMS, ROUTES
 
 log = logging.getLogger("wlcad.serve")
-
-DEFAULT_SERVICE_LISTEN = DEFAULT_UPSTREAMS["label-estimation"]
-DEFAULT_SERVICE_METRICS = "127.0.0.1:9101"
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("serve", help="run the gRPC services and the gateway")
     which = parser.add_subparsers(dest="serve_what", metavar="WHAT", required=True)
 
-    service = which.add_parser("label-estimation", help="the LabelEstimation gRPC service")
-    _service_options(service)
-    service.set_defaults(handler=_run_service)
+    for entry in CAPABILITIES:
+        service = which.add_parser(entry.name, help=f"the {entry.service} gRPC service: {entry.summary}")
+        _service_options(service, entry)
+        service.set_defaults(handler=_run_service, capability=entry.name)
 
     gateway = which.add_parser("gateway", help="the gRPC + HTTP/JSON gateway")
     _gateway_options(gateway)
     gateway.set_defaults(handler=_run_gateway)
 
     both = which.add_parser(
-        "all", help="services + gateway (+ Triton with --backend triton) as child processes"
+        "all", help="every service + the gateway (+ Triton with --backend triton) as child processes"
     )
     _gateway_options(both, routes=False)
     both.add_argument(
-        "--service-listen", default=DEFAULT_SERVICE_LISTEN, help="label-estimation gRPC address"
-    )
-    both.add_argument(
-        "--service-metrics", default=DEFAULT_SERVICE_METRICS, help="label-estimation /metrics address"
+        "--service-listen",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help=f"a service's gRPC address (default: the table's, {DEFAULT_UPSTREAMS})",
     )
     both.add_argument(
         "--backend", choices=("embedded", "triton"), default="embedded", help="inference backend"
@@ -63,12 +65,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     token.set_defaults(handler=_run_token)
 
 
-def _service_options(parser: argparse.ArgumentParser) -> None:
+def _service_options(parser: argparse.ArgumentParser, entry: Capability) -> None:
     parser.add_argument(
-        "--listen", default=DEFAULT_SERVICE_LISTEN, help=f"gRPC address (default {DEFAULT_SERVICE_LISTEN})"
+        "--listen", default=entry.default_address, help=f"gRPC address (default {entry.default_address})"
     )
     parser.add_argument(
-        "--metrics-listen", default=DEFAULT_SERVICE_METRICS, help="Prometheus /metrics address ('' = off)"
+        "--metrics-listen",
+        default=entry.default_metrics_address,
+        help=f"Prometheus /metrics address ('' = off; default {entry.default_metrics_address})",
     )
     parser.add_argument(
         "--dicomweb",
@@ -108,20 +112,23 @@ def _gateway_options(parser: argparse.ArgumentParser, routes: bool = True) -> No
 
 
 def _run_service(args: argparse.Namespace) -> int:
-    from services.servers.label_estimation import serve
+    from services.servers.scaffold import ServiceSettings, serve_capability
 
     _quiet_logging(args)
-    return serve(args.listen, args.metrics_listen or None, args.dicomweb, args.compute_slots, args.inference)
+    if args.compute_slots < 1:
+        raise InputError(f"must be >= 1, got {args.compute_slots}", field="--compute-slots")
+    settings = ServiceSettings(tuple(args.dicomweb), args.compute_slots, args.inference)
+    return serve_capability(args.capability, settings, args.listen, args.metrics_listen or None)
 
 
-def _parse_routes(values: list[str]) -> dict[str, str]:
+def _parse_routes(values: list[str], option: str = "--route") -> dict[str, str]:
     upstreams = dict(DEFAULT_UPSTREAMS)
     known = {r.name for r in ROUTES}
     for value in values:
         name, sep, address = value.partition("=")
         if not sep or name not in known or ":" not in address:
             raise InputError(
-                f"expected NAME=HOST:PORT with NAME in {sorted(known)}, got {value!r}", field="--route"
+                f"expected NAME=HOST:PORT with NAME in {sorted(known)}, got {value!r}", field=option
             )
         upstreams[name] = address
     return upstreams
@@ -183,47 +190,37 @@ def _child(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Pop
 
 
 def _run_all(args: argparse.Namespace) -> int:
-    upstreams = {"label-estimation": args.service_listen}
+    upstreams = _parse_routes(args.service_listen, "--service-listen")
     _gateway_config(args, upstreams)  # refuse a bad configuration before starting anything
     verbose = ["-v"] if args.verbose else []
     children: dict[str, tuple[list[str], subprocess.Popen]] = {}
-    service_argv = [*verbose, "serve", "label-estimation", "--listen", args.service_listen]
-    service_argv += ["--metrics-listen", args.service_metrics]
-    for url in args.dicomweb:
-        service_argv += ["--dicomweb", url]
+    inference: list[str] = []
     if args.backend == "triton":
         port = args.triton_grpc_port
-        triton_argv = [
-            "triton",
-            "--grpc-port",
-            str(port),
-            "--http-port",
-            str(port - 1),
-            "--metrics-port",
-            str(port + 1),
-        ]
+        triton_argv = ["triton", "--grpc-port", str(port), "--http-port", str(port - 1)]
+        triton_argv += ["--metrics-port", str(port + 1)]
         children["triton"] = (triton_argv, _child(triton_argv))
-        service_argv += ["--inference", f"triton://127.0.0.1:{port}"]
-    children["label-estimation"] = (service_argv, _child(service_argv))
-    gateway_argv = [
-        *verbose,
-        "serve",
-        "gateway",
-        "--grpc-listen",
-        args.grpc_listen,
-        "--http-listen",
-        args.http_listen,
-    ]
-    gateway_argv += ["--route", f"label-estimation={args.service_listen}"]
+        inference = ["--inference", f"triton://127.0.0.1:{port}"]
+    for entry in CAPABILITIES:
+        service_argv = [*verbose, "serve", entry.name, "--listen", upstreams[entry.name]]
+        service_argv += ["--metrics-listen", entry.default_metrics_address, *inference]
+        for url in args.dicomweb:
+            service_argv += ["--dicomweb", url]
+        children[entry.name] = (service_argv, _child(service_argv))
+    gateway_argv = [*verbose, "serve", "gateway", "--grpc-listen", args.grpc_listen]
+    gateway_argv += ["--http-listen", args.http_listen]
+    for name, address in upstreams.items():
+        gateway_argv += ["--route", f"{name}={address}"]
     for option in ("tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
         if getattr(args, option) is not None:
             gateway_argv += ["--" + option.replace("_", "-"), str(getattr(args, option))]
     gateway_argv += ["--max-in-flight", str(args.max_in_flight), "--max-queue", str(args.max_queue)]
     gateway_argv += ["--deadline", str(args.deadline)]
     children["gateway"] = (gateway_argv, _child(gateway_argv))
+    services = ", ".join(f"{name} {address}" for name, address in upstreams.items())
     print(
         f"wlcad serve all: gateway gRPC {args.grpc_listen}, HTTP http://{args.http_listen} "
-        f"(label-estimation {args.service_listen}, backend {args.backend}); Ctrl-C stops",
+        f"({services}; backend {args.backend}); Ctrl-C stops",
         flush=True,
     )
     stopping: list[int] = []

@@ -31,6 +31,41 @@ class WeakLabel:
     n_voxels: int
 
 
+@dataclass(frozen=True)
+class Measurements:
+    """A mask's measurements as every capability reports them (mm, world LPS; rounded to 0.001 so a
+    report is stable text). ``center_mm`` is ``None`` for an empty mask, whose sizes are 0."""
+
+    voxels: int
+    volume_mm3: float = 0.0
+    center_mm: tuple[float, float, float] | None = None
+    max_diameter_mm: float = 0.0
+    axial_long_mm: float = 0.0
+    axial_short_mm: float = 0.0
+
+    @classmethod
+    def of(cls, label: WeakLabel) -> Measurements:
+        return cls(
+            voxels=label.n_voxels,
+            volume_mm3=round(label.volume_mm3, 3),
+            center_mm=(
+                round(label.center_mm[0], 3),
+                round(label.center_mm[1], 3),
+                round(label.center_mm[2], 3),
+            ),
+            max_diameter_mm=round(label.diameter_mm, 3),
+            axial_long_mm=round(label.axial_long_mm, 3),
+            axial_short_mm=round(label.axial_short_mm, 3),
+        )
+
+
+def measure_mask(mask_region: np.ndarray, offset_zyx: tuple[int, int, int], geometry: Volume) -> Measurements:
+    """:class:`Measurements` of a boolean region (a box of the image grid at ``offset_zyx``)."""
+    if not mask_region.any():
+        return Measurements(voxels=0)
+    return Measurements.of(measure_lesion(mask_region, offset_zyx, geometry, 0))
+
+
 def _hull_points(points: np.ndarray) -> np.ndarray:
     """The convex-hull vertices (fewer pairs to compare); all points when the hull is degenerate."""
     if len(points) < 5:

@@ -18,6 +18,12 @@ class LesionPrompt:
 
     ``axes_mm`` optionally gives three ellipsoid diameters and ``axes_direction`` (3×3, columns) their
     world directions, for the ellipsoid and RECIST forms.
+
+    Every value is checked here, on construction, so a prompt that exists is well-formed wherever it
+    came from (CLI, manifest, API); whether it fits an image is :func:`validated_prompt`'s question.
+
+    Raises:
+        InputError: naming ``center_mm``, ``diameter_mm``, ``axes_mm`` or ``lesion_id``.
     """
 
     center_mm: tuple[float, float, float]
@@ -25,6 +31,32 @@ class LesionPrompt:
     lesion_id: int = 1
     axes_mm: tuple[float, float, float] | None = None
     axes_direction: tuple[tuple[float, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        center = np.asarray(self.center_mm, dtype=float) if _numeric(self.center_mm) else np.zeros(0)
+        if center.shape != (3,) or not np.all(np.isfinite(center)):
+            raise InputError(
+                f"needs 3 finite numbers (LPS mm), got {list(self.center_mm)}", field="center_mm"
+            )
+        if isinstance(self.diameter_mm, bool) or not isinstance(self.diameter_mm, (int, float)):
+            raise InputError(f"must be a number of mm, got {self.diameter_mm!r}", field="diameter_mm")
+        if not math.isfinite(self.diameter_mm) or self.diameter_mm <= 0:
+            raise InputError(
+                f"must be a finite number of mm > 0, got {self.diameter_mm}", field="diameter_mm"
+            )
+        if self.axes_mm is not None:
+            axes = np.asarray(self.axes_mm, dtype=float) if _numeric(self.axes_mm) else np.zeros(0)
+            if axes.shape != (3,) or not np.all(np.isfinite(axes)) or np.any(axes <= 0):
+                raise InputError(f"needs 3 diameters > 0 mm, got {self.axes_mm}", field="axes_mm")
+        if isinstance(self.lesion_id, bool) or not isinstance(self.lesion_id, (int, np.integer)):
+            raise InputError(f"must be an integer, got {self.lesion_id!r}", field="lesion_id")
+        if not 1 <= self.lesion_id <= 65535:
+            raise InputError(f"must be 1..65535, got {self.lesion_id}", field="lesion_id")
+        object.__setattr__(self, "center_mm", tuple(float(v) for v in center))
+        object.__setattr__(self, "diameter_mm", float(self.diameter_mm))
+        object.__setattr__(self, "lesion_id", int(self.lesion_id))
+        if self.axes_mm is not None:
+            object.__setattr__(self, "axes_mm", tuple(float(v) for v in self.axes_mm))
 
     @property
     def radius_mm(self) -> float:
@@ -36,15 +68,17 @@ class LesionPrompt:
         return (max(self.axes_mm) if self.axes_mm else self.diameter_mm) / 2
 
 
+def _numeric(values: object) -> bool:
+    try:
+        np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def validated_prompt(volume: Volume, prompt: LesionPrompt) -> LesionPrompt:
-    """Refuse prompts that cannot describe a lesion in this image, naming the field."""
+    """Refuse a (well-formed) prompt that cannot describe a lesion in this image, naming the field."""
     center = np.asarray(prompt.center_mm, dtype=float)
-    if center.shape != (3,) or not np.all(np.isfinite(center)):
-        raise InputError(f"needs 3 finite numbers (LPS mm), got {list(prompt.center_mm)}", field="center_mm")
-    if not isinstance(prompt.diameter_mm, (int, float)) or not math.isfinite(prompt.diameter_mm):
-        raise InputError(f"must be a finite number of mm, got {prompt.diameter_mm!r}", field="diameter_mm")
-    if prompt.diameter_mm <= 0:
-        raise InputError(f"must be > 0 mm, got {prompt.diameter_mm}", field="diameter_mm")
     extent_mm = np.asarray(volume.shape_xyz) * np.asarray(volume.spacing)
     if prompt.diameter_mm > float(extent_mm.max()):
         raise InputError(
@@ -58,12 +92,6 @@ def validated_prompt(volume: Volume, prompt: LesionPrompt) -> LesionPrompt:
             f"is outside the image of {list(volume.shape_xyz)} voxels",
             field="center_mm",
         )
-    if prompt.axes_mm is not None:
-        axes = np.asarray(prompt.axes_mm, dtype=float)
-        if axes.shape != (3,) or not np.all(np.isfinite(axes)) or np.any(axes <= 0):
-            raise InputError(f"needs 3 diameters > 0 mm, got {prompt.axes_mm}", field="axes_mm")
-    if prompt.lesion_id < 1 or prompt.lesion_id > 65535:
-        raise InputError(f"must be 1..65535, got {prompt.lesion_id}", field="lesion_id")
     return prompt
 
 

@@ -168,9 +168,18 @@ def read_lesions(path: str | os.PathLike[str]) -> list[ManifestLesion]:
             continue
         if row["lesion_id"] is None:
             continue
-        prompt = LesionPrompt(
-            (row["center_x_mm"], row["center_y_mm"], row["center_z_mm"]), row["diameter_mm"], row["lesion_id"]
-        )
+        try:
+            prompt = LesionPrompt(
+                (row["center_x_mm"], row["center_y_mm"], row["center_z_mm"]),
+                row["diameter_mm"],
+                row["lesion_id"],
+            )
+        except InputError as exc:  # e.g. a diameter of 0: the row's error, the batch goes on
+            error = f"line {row.get('line', '?')}: {exc}"
+            lesions.append(
+                ManifestLesion(row["case_id"], Path(path), None, "", None, error, str(row["lesion_id"]))
+            )
+            continue
         lesions.append(
             ManifestLesion(row["case_id"], row["image"], row["mask"], row.get("lesion_type") or "", prompt)
         )

@@ -121,7 +121,11 @@ class _Target:
     route: Route
     rpc: str
     retryable: bool
-    call: grpc.aio.UnaryUnaryMultiCallable | grpc.aio.StreamUnaryMultiCallable
+    call: (
+        grpc.aio.UnaryUnaryMultiCallable
+        | grpc.aio.StreamUnaryMultiCallable
+        | grpc.aio.UnaryStreamMultiCallable
+    )
     metrics: MethodMetrics
     up: object  # the route's wlcad_upstream_up child
     retries: object  # the wlcad_gateway_retries child
@@ -160,7 +164,7 @@ class Gateway:
             route=route,
             rpc=rpc,
             retryable=rpc in route.idempotent,
-            call=channel.stream_unary(path) if method.client_streaming else channel.unary_unary(path),
+            call=_multicallable(channel, path, method.client_streaming, method.server_streaming),
             metrics=MethodMetrics(COMPONENT, f"{route.name}/{rpc}"),
             up=UPSTREAM_UP.labels(route.name),
             retries=RETRIES.labels(route.name, rpc),
@@ -249,6 +253,28 @@ class Gateway:
                 target.up.set(1)
                 return response
 
+    async def server_stream(
+        self, service: str, rpc: str, request: bytes, timeout_s: float | None
+    ) -> AsyncIterator[bytes]:
+        """A server-streaming call (progress of a long job, results as they come), passed through
+        message by message. Not retried: part of the answer may already have reached the caller.
+        Closing the returned generator (the caller went away) cancels the upstream call."""
+        target = self._target(service, rpc)
+        deadline = self._deadline(timeout_s)
+        with _observed(target):
+            async with self._admission:
+                call = target.call(request, timeout=max(0.001, deadline - time.monotonic()))
+                try:
+                    async for message in call:
+                        yield message
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.UNAVAILABLE:
+                        target.up.set(0)
+                    raise self._upstream_error(target.route, error) from None
+                finally:
+                    call.cancel()  # no-op once finished; ends upstream work when the caller left
+                target.up.set(1)
+
     async def check_upstreams(self, timeout_s: float = 0.5) -> dict[str, bool]:
         """grpc.health.v1 Check on every upstream; updates ``upstream_serving`` and the up gauge."""
 
@@ -269,6 +295,17 @@ class Gateway:
         await asyncio.gather(*(channel.close() for channel in self._channels.values()))
 
 
+def _multicallable(channel: grpc.aio.Channel, path: str, client_streaming: bool, server_streaming: bool):
+    """The byte-level upstream callable for one RPC kind (requests and responses stay serialised)."""
+    if client_streaming and server_streaming:
+        raise GatewayError(grpc.StatusCode.UNIMPLEMENTED, f"{path}: bidirectional streams are not routed")
+    if client_streaming:
+        return channel.stream_unary(path)
+    if server_streaming:
+        return channel.unary_stream(path)
+    return channel.unary_unary(path)
+
+
 @contextlib.contextmanager
 def _observed(target):
     """Count one routed call by its final status and time it (both RPC kinds end the same way)."""
@@ -279,7 +316,7 @@ def _observed(target):
     except GatewayError as error:
         code = error.code.name
         raise
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: a stream's caller went away
         code = "CANCELLED"
         raise
     finally:

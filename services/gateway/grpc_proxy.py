@@ -1,11 +1,12 @@
 """gRPC side of the gateway: generic byte-level handlers for every routed RPC, plus auth.
 
-Handlers are built from the routes' service descriptors (unary or client-streaming), so they never
+Handlers are built from the routes' service descriptors (unary, client- or server-streaming), so they never
 decode a message; health and reflection are the standard grpcio ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -54,15 +55,33 @@ def _stream(gateway: Gateway, service: str, rpc: str) -> Callable[..., Awaitable
     return handle
 
 
+def _server_stream(gateway: Gateway, service: str, rpc: str) -> Callable[..., AsyncIterator[bytes]]:
+    async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        try:
+            messages = gateway.server_stream(service, rpc, request, _timeout(context))
+            async with contextlib.aclosing(messages):  # the caller left: the upstream call is cancelled
+                async for message in messages:
+                    yield message
+        except Exception as error:
+            await _fail(context, error)
+            raise
+
+    return handle
+
+
 def generic_handlers(gateway: Gateway) -> list[grpc.GenericRpcHandler]:
     """One generic handler per routed service, covering every RPC its descriptor declares."""
     handlers = []
     for service, route in gateway.routes.items():
         methods = {}
         for method in route.descriptor.methods:
+            if method.server_streaming and method.client_streaming:
+                continue  # bidirectional streams: no wlcad RPC has one; UNIMPLEMENTED
             if method.server_streaming:
-                continue  # not used by any wlcad RPC yet; add a server-streaming pass-through when one is
-            if method.client_streaming:
+                methods[method.name] = grpc.unary_stream_rpc_method_handler(
+                    _server_stream(gateway, service, method.name)
+                )
+            elif method.client_streaming:
                 methods[method.name] = grpc.stream_unary_rpc_method_handler(
                     _stream(gateway, service, method.name)
                 )

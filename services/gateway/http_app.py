@@ -7,6 +7,7 @@ deadline, retries, metrics — the same path as gRPC callers) and encodes the re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,13 +16,14 @@ from collections.abc import AsyncIterator
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from google.protobuf import json_format, message_factory
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 
 from services.api import limits
 from services.api.status import HTTP_STATUS
+from services.api.upload import UploadShape, method_upload_shape
 from services.gateway.auth import TokenSet
 from services.gateway.core import Gateway, GatewayError
 from services.gateway.openapi import ERROR_SCHEMA, message_schema
@@ -32,6 +34,7 @@ log = logging.getLogger("wlcad.gateway")
 #: Largest JSON body: a maximal gRPC message in base64 plus room for the rest.
 MAX_JSON_BYTES = limits.MAX_MESSAGE_BYTES * 4 // 3 + 1024 * 1024
 TIMEOUT_HEADER = "x-timeout-seconds"
+NDJSON = "application/x-ndjson"
 
 
 def error_response(code: grpc.StatusCode, message: str) -> JSONResponse:
@@ -131,13 +134,9 @@ class _Endpoints:
 
         return endpoint
 
-    def upload(self, route: Route, binding: HttpBinding):
-        method = route.method(binding.rpc)
-        stream_class = message_factory.GetMessageClass(method.input_type)
-        request_class = message_factory.GetMessageClass(
-            stream_class.DESCRIPTOR.fields_by_name["request"].message_type
-        )
-        response_class = message_factory.GetMessageClass(method.output_type)
+    def upload(self, route: Route, binding: HttpBinding, shape: UploadShape):
+        response_class = message_factory.GetMessageClass(route.method(binding.rpc).output_type)
+        request_class = shape.request_class
 
         async def endpoint(request: Request) -> Response:
             try:
@@ -165,14 +164,15 @@ class _Endpoints:
                             grpc.StatusCode.INVALID_ARGUMENT, "request: must be a JSON text part"
                         )
                     first = _parse_message(text, request_class, "request")
-                    if first.image.WhichOneof("source") is not None:
+                    image = getattr(first, shape.image_field.name)
+                    if image.WhichOneof("source") is not None:
                         raise GatewayError(
                             grpc.StatusCode.INVALID_ARGUMENT,
-                            "request.image: the image is the file part; leave it out",
+                            f"request.{shape.image_field.name}: the image is the file part; leave it out",
                         )
-                    first.image.file.filename = (upload.filename or "")[:256]
+                    image.file.filename = (upload.filename or "")[:256]
                     raw = await self.gateway.stream(
-                        route.service, binding.rpc, _file_messages(stream_class, first, upload), timeout
+                        route.service, binding.rpc, _file_messages(shape, first, upload), timeout
                     )
                 finally:
                     await form.close()
@@ -182,17 +182,54 @@ class _Endpoints:
 
         return endpoint
 
+    def server_stream(self, route: Route, binding: HttpBinding):
+        """A server-streaming RPC as newline-delimited JSON, one line per message. The first message is
+        awaited before the answer starts, so a refused request still gets its HTTP status; a failure
+        after that ends the stream with one ``{"code", "message"}`` line."""
+        method = route.method(binding.rpc)
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
 
-async def _file_messages(stream_class, first, upload: UploadFile) -> AsyncIterator[bytes]:
-    yield stream_class(request=first).SerializeToString()
-    chunk_field = stream_class.DESCRIPTOR.fields_by_name["chunk"]
-    chunk_class = message_factory.GetMessageClass(chunk_field.message_type)
+        async def endpoint(request: Request) -> Response:
+            try:
+                self._authorize(request)
+                timeout = _timeout(request)
+                body = b"" if binding.verb == "GET" else await _body(request, MAX_JSON_BYTES)
+                message = _parse_message(body, request_class, "body")
+                messages = self.gateway.server_stream(
+                    route.service, binding.rpc, message.SerializeToString(), timeout
+                )
+                try:
+                    first = await anext(messages, None)
+                except BaseException:
+                    await messages.aclose()
+                    raise
+            except Exception as error:
+                return failure_response(error)
+
+            async def lines() -> AsyncIterator[bytes]:
+                async with contextlib.aclosing(messages):
+                    try:
+                        raw = first
+                        while raw is not None:
+                            yield json.dumps(_to_json(response_class.FromString(raw))).encode() + b"\n"
+                            raw = await anext(messages, None)
+                    except GatewayError as error:
+                        yield json.dumps({"code": error.code.name, "message": error.message}).encode() + b"\n"
+
+            return StreamingResponse(lines(), media_type=NDJSON)
+
+        return endpoint
+
+
+async def _file_messages(shape: UploadShape, first, upload: UploadFile) -> AsyncIterator[bytes]:
+    yield shape.first_message(first)
     sent = 0
     while data := await upload.read(limits.MAX_CHUNK_BYTES):
         sent += len(data)
         if sent > limits.MAX_UPLOAD_BYTES:
             break  # the service refuses the oversize stream with INVALID_ARGUMENT
-        yield stream_class(chunk=chunk_class(data=data)).SerializeToString()
+        yield shape.encode_chunk(data)
 
 
 def build_app(gateway: Gateway, tokens: TokenSet | None = None) -> FastAPI:
@@ -215,8 +252,9 @@ def build_app(gateway: Gateway, tokens: TokenSet | None = None) -> FastAPI:
                 **{str(s): {"description": d, **error_ref} for s, d in _ERRORS.items()},
             }
             extra: dict = {"responses": responses, "security": [{"bearerAuth": []}]}
-            if binding.upload:
-                request_type = method.input_type.fields_by_name["request"].message_type
+            shape = method_upload_shape(method)
+            if shape is not None:
+                request_type = shape.request_field.message_type
                 message_schema(request_type, schemas)
                 extra["requestBody"] = {
                     "required": True,
@@ -236,7 +274,7 @@ def build_app(gateway: Gateway, tokens: TokenSet | None = None) -> FastAPI:
                         }
                     },
                 }
-                endpoint = endpoints.upload(route, binding)
+                endpoint = endpoints.upload(route, binding, shape)
             else:
                 if binding.verb != "GET":
                     extra["requestBody"] = {
@@ -245,7 +283,14 @@ def build_app(gateway: Gateway, tokens: TokenSet | None = None) -> FastAPI:
                             "application/json": {"schema": message_schema(method.input_type, schemas)}
                         },
                     }
-                endpoint = endpoints.unary(route, binding)
+                if method.server_streaming:
+                    responses["200"] = {
+                        "description": "OK: one JSON message a line; a failure mid-stream ends with an Error line",
+                        "content": {NDJSON: {"schema": message_schema(method.output_type, schemas)}},
+                    }
+                    endpoint = endpoints.server_stream(route, binding)
+                else:
+                    endpoint = endpoints.unary(route, binding)
             app.add_api_route(
                 binding.path,
                 endpoint,

@@ -1,40 +1,44 @@
-"""The routing table: which upstream serves which gRPC service, and which HTTP paths map to its RPCs.
+"""The routing table, derived from the capability table: which upstream serves which gRPC service,
+and which HTTP paths map to its RPCs.
 
-Adding a capability (CADe, anomaly scoring) is a new proto + service module + one ``Route`` here;
-the gateway's core reads methods, streaming kinds and message types from the proto descriptors.
+The gateway's core reads methods, streaming kinds and message types from the proto descriptors, so
+a new capability (``services/capabilities.py``) needs no code here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from services.api import pb  # noqa: F401 - registers the wlcad.v1 descriptors
+from services.capabilities import CAPABILITIES, Capability, HttpBinding
 
-
-@dataclass(frozen=True)
-class HttpBinding:
-    """``verb path`` → ``rpc``. An ``upload`` binding takes multipart/form-data (a ``file`` part and a
-    ``request`` JSON part) and calls a client-streaming RPC whose messages have the ``request`` /
-    ``chunk`` oneof of ``EstimateUploadMessage``; the file goes into ``request.image.file``."""
-
-    verb: str
-    path: str
-    rpc: str
-    upload: bool = False
-    summary: str = ""
+__all__ = ["DEFAULT_UPSTREAMS", "ROUTES", "HttpBinding", "Route"]
 
 
 @dataclass(frozen=True)
 class Route:
-    """One upstream service. ``idempotent`` RPCs are retried on UNAVAILABLE."""
+    """One upstream service as the gateway sees it."""
 
-    name: str
-    service: str
-    idempotent: frozenset[str]
-    http: tuple[HttpBinding, ...] = field(default_factory=tuple)
+    capability: Capability
+
+    @property
+    def name(self) -> str:
+        return self.capability.name
+
+    @property
+    def service(self) -> str:
+        return self.capability.service
+
+    @property
+    def idempotent(self) -> frozenset[str]:
+        return self.capability.idempotent
+
+    @property
+    def http(self) -> tuple[HttpBinding, ...]:
+        return self.capability.http
 
     @property
     def descriptor(self) -> ServiceDescriptor:
@@ -44,31 +48,7 @@ class Route:
         return self.descriptor.methods_by_name[rpc]
 
 
-ROUTES: tuple[Route, ...] = (
-    Route(
-        name="label-estimation",
-        service="wlcad.v1.LabelEstimation",
-        idempotent=frozenset({"Estimate", "EstimateDose", "Describe"}),
-        http=(
-            HttpBinding(
-                "POST", "/v1/labels:estimate", "Estimate", summary="Lesion masks from centre + diameter"
-            ),
-            HttpBinding(
-                "POST",
-                "/v1/labels:upload",
-                "EstimateUpload",
-                upload=True,
-                summary="The same, for an uploaded NIfTI/NRRD/MHA/DICOM file or DICOM zip (multipart)",
-            ),
-            HttpBinding(
-                "POST", "/v1/labels:estimateDose", "EstimateDose", summary="Lesion labels from an RT Dose"
-            ),
-            HttpBinding(
-                "GET", "/v1/labels:describe", "Describe", summary="Methods offered and model versions"
-            ),
-        ),
-    ),
-)
+ROUTES: tuple[Route, ...] = tuple(Route(c) for c in CAPABILITIES)
 
 #: Default upstream addresses (``wlcad serve all`` starts the services there).
-DEFAULT_UPSTREAMS = {"label-estimation": "127.0.0.1:50061"}
+DEFAULT_UPSTREAMS = {c.name: c.default_address for c in CAPABILITIES}

@@ -13,9 +13,10 @@ from pathlib import Path
 from services.core.atomic import write_bytes_atomically
 from services.core.io import write_image
 from services.core.io.dicom_seg import write_seg
+from services.core.version import software_version
 from services.core.volume import Volume
 from services.label_estimation.circus_label import circus_voxel_label
-from services.label_estimation.pipeline import LesionEstimate, label_map, software_version
+from services.label_estimation.pipeline import LesionEstimate, label_map
 
 
 def write_json(path: Path, payload: object) -> Path:

@@ -1,8 +1,8 @@
 """Start a wlcad gRPC service process: the servicer, the standard health service, reflection,
 explicit message-size limits, bounded concurrency and a Prometheus endpoint.
 
-Shared by every service (label estimation now, CADe and anomaly scoring later) so each service
-module only provides its servicer.
+Shared by every capability's service (``services.servers.scaffold.serve_capability`` starts it), so
+a capability only provides its servicer.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from services.api import limits
+from services.api.upload import method_upload_shape
 from services.core.errors import InputError
 from services.servers.memory import limit_malloc_arenas
 
@@ -71,46 +72,44 @@ def servicer_handler(servicer: object, service: ServiceDescriptor) -> grpc.Gener
     """Handlers for every RPC of ``service`` that decode requests themselves, so bytes that are not
     the declared message become INVALID_ARGUMENT (grpcio's own deserializer answers INTERNAL).
 
-    Client-streaming RPCs named in the servicer's ``RAW_REQUEST_STREAMS`` get the messages' bytes
-    undecoded (an upload reads its voxel chunks without protobuf copies; it decodes the rest)."""
+    Upload RPCs (the upload shape of ``common.proto``) get the messages' bytes undecoded: the scaffold
+    reads voxel chunks without protobuf copies and decodes the rest. Server-streaming RPCs (progress
+    of long jobs) are served as generators."""
     handlers = {}
-    raw_streams = frozenset(getattr(servicer, "RAW_REQUEST_STREAMS", ()))
     for method in service.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
         serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
         implementation = getattr(servicer, method.name)
-        if method.client_streaming and method.name in raw_streams:
+        if method.client_streaming and method.server_streaming:
+            raise ValueError(f"{method.full_name}: bidirectional streams are not served")
+        if method.client_streaming:
+            raw = method_upload_shape(method) is not None
 
-            def raw_stream(requests, context, _impl=implementation):
+            def stream(requests, context, _impl=implementation, _cls=request_class, _raw=raw):
                 try:
-                    return _impl(requests, context)
-                finally:
-                    _drain(requests)
-
-            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
-                raw_stream, response_serializer=serialize
-            )
-        elif method.client_streaming:
-
-            def stream(requests, context, _impl=implementation, _cls=request_class):
-                try:
-                    return _impl((parse_request(_cls, data) for data in requests), context)
+                    decoded = requests if _raw else (parse_request(_cls, data) for data in requests)
+                    return _impl(decoded, context)
                 finally:
                     _drain(requests)
 
             handlers[method.name] = grpc.stream_unary_rpc_method_handler(
                 stream, response_serializer=serialize
             )
-        else:
+            continue
 
-            def unary(data, context, _impl=implementation, _cls=request_class):
-                try:
-                    request = parse_request(_cls, data)
-                except InputError as exc:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                return _impl(request, context)
+        def unary(data, context, _impl=implementation, _cls=request_class):
+            try:
+                request = parse_request(_cls, data)
+            except InputError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return _impl(request, context)
 
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(unary, response_serializer=serialize)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
