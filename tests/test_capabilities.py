@@ -38,11 +38,9 @@ def echo_stack(tmp_path_factory):
     service = Process(
         ["serve", "echo", "--listen", service_address, "--metrics-listen", ""], logs / "echo.log", PLUGIN
     ).start()
+    listen = ["--grpc-listen", grpc_address, "--http-listen", f"127.0.0.1:{http_port}"]
     gateway = Process(
-        ["serve", "gateway", "--grpc-listen", grpc_address, "--http-listen", f"127.0.0.1:{http_port}"]
-        + ["--route", f"echo={service_address}"],
-        logs / "gateway.log",
-        PLUGIN,
+        ["serve", "gateway", *listen, "--route", f"echo={service_address}"], logs / "gateway.log", PLUGIN
     ).start()
     try:
         wait_serving(service_address, service="wlcad.test.v1.Echo")
@@ -57,7 +55,11 @@ def _call(address: str, path: str, request, reply_class, streaming: bool = False
     wire = channel(address)
     try:
         kind = wire.unary_stream if streaming else wire.unary_unary
-        call = kind(path, request_serializer=type(request).SerializeToString, response_deserializer=reply_class.FromString)
+        call = kind(
+            path,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=reply_class.FromString,
+        )
         result = call(request, timeout=30)
         return list(result) if streaming else result
     finally:
@@ -66,12 +68,16 @@ def _call(address: str, path: str, request, reply_class, streaming: bool = False
 
 def test_echo_over_grpc_unary_streaming_and_upload(echo_stack):
     grpc_address, _, _ = echo_stack
-    reply = _call(grpc_address, "/wlcad.test.v1.Echo/Say", echo_pb2.EchoRequest(text="hi"), echo_pb2.EchoReply)
+    reply = _call(
+        grpc_address, "/wlcad.test.v1.Echo/Say", echo_pb2.EchoRequest(text="hi"), echo_pb2.EchoReply
+    )
     assert (reply.text, reply.component) == ("hi", "echo")
     with pytest.raises(grpc.RpcError) as refused:
         _call(grpc_address, "/wlcad.test.v1.Echo/Say", echo_pb2.EchoRequest(), echo_pb2.EchoReply)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text" in refused.value.details()
-    counted = _call(grpc_address, "/wlcad.test.v1.Echo/Count", echo_pb2.CountRequest(up_to=5), echo_pb2.CountReply, True)
+    counted = _call(
+        grpc_address, "/wlcad.test.v1.Echo/Count", echo_pb2.CountRequest(up_to=5), echo_pb2.CountReply, True
+    )
     assert [r.value for r in counted] == [1, 2, 3, 4, 5]
 
     volume = Volume(np.arange(6 * 5 * 4, dtype=np.int16).reshape(4, 5, 6), (1.0, 1.0, 2.0))
@@ -79,7 +85,9 @@ def test_echo_over_grpc_unary_streaming_and_upload(echo_stack):
     first = UPLOAD.first_message(echo_pb2.MeasureRequest(image=image_pb2.ImageSource(volume=header)))
     wire = channel(grpc_address)
     try:
-        upload = wire.stream_unary("/wlcad.test.v1.Echo/MeasureUpload", response_deserializer=echo_pb2.MeasureReply.FromString)
+        upload = wire.stream_unary(
+            "/wlcad.test.v1.Echo/MeasureUpload", response_deserializer=echo_pb2.MeasureReply.FromString
+        )
         measured = upload(iter([first, *UPLOAD.chunk_messages(volume.array.tobytes(), size=64)]), timeout=30)
     finally:
         wire.close()
@@ -88,7 +96,9 @@ def test_echo_over_grpc_unary_streaming_and_upload(echo_stack):
 
 def test_echo_over_http_json_ndjson_and_multipart(echo_stack, tmp_path):
     _, http_url, _ = echo_stack
-    said = urllib.request.Request(f"{http_url}/v1/echo:say", json.dumps({"text": "hello"}).encode(), method="POST")
+    said = urllib.request.Request(
+        f"{http_url}/v1/echo:say", json.dumps({"text": "hello"}).encode(), method="POST"
+    )
     with urllib.request.urlopen(said, timeout=30) as response:
         assert json.loads(response.read()) == {"text": "hello", "component": "echo"}
     counted = urllib.request.Request(f"{http_url}/v1/echo:count", b'{"up_to": 3}', method="POST")
@@ -101,7 +111,9 @@ def test_echo_over_http_json_ndjson_and_multipart(echo_stack, tmp_path):
     with urllib.request.urlopen(upload, timeout=30) as response:
         assert json.loads(response.read()) == {"shape_xyz": [5, 4, 3], "sum": 60.0}
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(urllib.request.Request(f"{http_url}/v1/echo:say", b"{}", method="POST"), timeout=30)
+        urllib.request.urlopen(
+            urllib.request.Request(f"{http_url}/v1/echo:say", b"{}", method="POST"), timeout=30
+        )
     assert refused.value.code == 400
     with urllib.request.urlopen(f"{http_url}/openapi.json", timeout=30) as response:
         paths = json.loads(response.read())["paths"]
@@ -134,7 +146,13 @@ def test_deployment_files_name_every_capability(entry):
     assert values["capabilities"][entry.name]["metricsPort"] == entry.metrics_port
     for config in ("prometheus.yml", "prometheus-compose.yml"):
         jobs = yaml.safe_load((REPO_ROOT / "deploy/prometheus" / config).read_text())["scrape_configs"]
-        targets = {t for job in jobs if job["job_name"] == entry.name for s in job["static_configs"] for t in s["targets"]}
+        targets = {
+            t
+            for job in jobs
+            if job["job_name"] == entry.name
+            for s in job["static_configs"]
+            for t in s["targets"]
+        }
         assert any(t.endswith(f":{entry.metrics_port}") for t in targets), (config, targets)
 
 
