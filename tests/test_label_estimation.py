@@ -18,10 +18,10 @@ from scipy.spatial.transform import Rotation
 from services.core.errors import InputError
 from services.core.io import read_image, write_image
 from services.core.lesion_mask import world_coordinates
-from services.core.lesion_measurements import dice
 from services.core.lesion_prompt import LesionPrompt
 from services.core.manifest import read_lesions
 from services.core.volume import Volume
+from services.evaluation import dice
 from services.label_estimation.circus_label import circus_voxel_label, unpack_circus_voxels
 from services.label_estimation.dose import Isodose, dose_labels, read_rtdose
 from services.label_estimation.pipeline import LabelEstimator

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from services.core.io import read_image
-from services.core.lesion_measurements import dice
 from services.core.manifest import read_lesions
+from services.evaluation import dice
 from services.label_estimation.model import UnetModel
 from services.label_estimation.pipeline import LabelEstimator
 from training.data.dataset import write_dataset

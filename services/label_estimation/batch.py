@@ -17,11 +17,12 @@ from pathlib import Path
 
 from services.core.errors import InputError
 from services.core.io import read_image
-from services.core.lesion_measurements import dice
+from services.core.lesion_measurements import Measurements
 from services.core.manifest import ManifestLesion, read_lesions
 from services.core.volume import Volume
+from services.evaluation import dice
 from services.label_estimation.outputs import write_json, write_mask
-from services.label_estimation.pipeline import LabelEstimator, LesionEstimate
+from services.label_estimation.pipeline import LabelEstimator, LesionEstimate, QualityCheck, results_of_report
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,10 @@ def run_batch(
         try:
             if lesion.error:
                 raise InputError(lesion.error)
-            if report_path.is_file():  # finished in an earlier run
-                report = json.loads(report_path.read_text())
-                row.update(_summary(report, status="skipped"))
+            finished = _finished(report_path)
+            if finished is not None:  # finished in an earlier run
+                measurements, qc, score = finished
+                row.update(_summary(measurements, qc, score, status="skipped"))
             else:
                 if lesion.image not in images:
                     images.clear()  # one image in memory at a time; manifests are grouped by case
@@ -81,11 +83,12 @@ def run_batch(
                 estimate = estimator.estimate(image, [lesion.prompt], method)[0]
                 report = estimate.report()
                 report["case_id"] = lesion.case_id
+                score = None
                 if lesion.truth is not None:
-                    report["dice"] = round(_dice_against_truth(image, estimate, lesion, truths), 4)
+                    score = report["dice"] = round(_dice_against_truth(image, estimate, lesion, truths), 4)
                 write_mask(image, [estimate], folder / f"lesion-{estimate.lesion_id}.nii.gz")
                 write_json(report_path, report)
-                row.update(_summary(report, status="ok"))
+                row.update(_summary(estimate.measurements, estimate.qc, score, status="ok"))
         except InputError as exc:
             row.update({"status": "error", "error": str(exc)})
             log.warning("case %s lesion %s: %s", lesion.case_id, row["lesion_id"], exc)
@@ -112,15 +115,28 @@ def _dice_against_truth(
     return dice(estimate.mask.full(), truth.array == lesion.prompt.lesion_id)
 
 
-def _summary(report: dict, status: str) -> dict:
-    measurements, qc = report.get("measurements", {}), report.get("qc", {})
+def _finished(report_path: Path) -> tuple[Measurements, QualityCheck, float | None] | None:
+    """The results of a lesion an earlier run finished; ``None`` when there is no report or it is not
+    one this version wrote (then the lesion is estimated again and the report replaced)."""
+    if not report_path.is_file():
+        return None
+    try:
+        report = json.loads(report_path.read_text())
+        measurements, qc = results_of_report(report)
+    except (ValueError, TypeError, KeyError):
+        return None
+    return measurements, qc, report.get("dice")
+
+
+def _summary(measurements: Measurements, qc: QualityCheck, dice_score: float | None, status: str) -> dict:
+    """One summary-CSV row from the typed results (a field that does not exist is an error, not 0)."""
     return {
         "status": status,
         "error": "",
-        "voxels": measurements.get("voxels"),
-        "volume_mm3": measurements.get("volume_mm3"),
-        "max_diameter_mm": measurements.get("max_diameter_mm"),
-        "diameter_ratio": qc.get("diameter_ratio"),
-        "qc_passed": qc.get("passed"),
-        "dice": report.get("dice"),
+        "voxels": measurements.voxels,
+        "volume_mm3": measurements.volume_mm3 if measurements.voxels else None,
+        "max_diameter_mm": measurements.max_diameter_mm if measurements.voxels else None,
+        "diameter_ratio": qc.diameter_ratio,
+        "qc_passed": qc.passed,
+        "dice": dice_score,
     }

@@ -64,6 +64,15 @@ class LesionEstimate:
         }
 
 
+def results_of_report(report: dict) -> tuple[Measurements, QualityCheck]:
+    """The typed results of a report written by :meth:`LesionEstimate.report` (a resumed batch reads
+    them back); unknown or missing keys raise ``TypeError`` rather than reading as 0."""
+    values = dict(report["measurements"])
+    if values.get("center_mm") is not None:
+        values["center_mm"] = tuple(values["center_mm"])
+    return Measurements(**values), QualityCheck(**report["qc"])
+
+
 def quality_check(
     prompt: LesionPrompt, measurements: Measurements, mean_probability_inside: float | None = None
 ) -> QualityCheck:

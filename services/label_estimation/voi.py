@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.core.grid import Grid
 from services.core.lesion_mask import box_around
 from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
@@ -30,17 +31,19 @@ class Voi:
     """A normalised VOI and the geometry that maps it back onto the image."""
 
     image: np.ndarray  # float32 (VOI_SIZE,)*3, values in [0, 1]
-    grid: Volume  # geometry of the VOI (array holds the raw resampled intensities)
+    grid: Volume  # the VOI's grid holding the raw resampled intensities (before normalisation)
 
 
 def voi_grid(
     image: Volume, prompt: LesionPrompt, size: int = VOI_SIZE, fraction: float = LESION_FRACTION
-) -> Volume:
-    """An empty VOI grid centred on the prompt, axes parallel to the image's, isotropic spacing."""
+) -> Grid:
+    """The VOI's grid: centred on the prompt, axes parallel to the image's, isotropic spacing.
+
+    Parallel axes make the resample a scale and shift of the image lattice (no rotation); the spacing
+    makes the stated diameter span ``fraction`` of the edge whatever the lesion's size.
+    """
     spacing = prompt.diameter_mm / (fraction * size)
-    half_extent = spacing * (size - 1) / 2
-    origin = np.asarray(prompt.center_mm) - image.direction @ np.full(3, half_extent)
-    return Volume(np.zeros((size, size, size), np.uint8), (spacing,) * 3, tuple(origin), image.direction)
+    return Grid.centred_on(prompt.center_mm, (size, size, size), (spacing,) * 3, image.direction)
 
 
 def normalise(raw: np.ndarray) -> np.ndarray:
@@ -76,12 +79,7 @@ def probability_to_image(
     """
     half_extent = voi.grid.spacing[0] * voi.grid.shape_xyz[0] / 2
     start, extent = box_around(image, prompt.center_mm, half_extent, margin_voxels=1)
-    target = Volume(
-        np.zeros(tuple(extent[::-1]), np.uint8),
-        image.spacing,
-        tuple(image.index_to_world(start.astype(float))),
-        image.direction,
-    )
+    target = image.grid.window(start, extent)
     on_image = voi.grid.with_array(probability.astype(np.float32)).resample(
         reference=target, interpolation="linear", default_value=0.0, output_dtype=np.float32
     )

@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from services.core.io import read_image
-from services.core.lesion_measurements import dice
 from services.core.manifest import ManifestLesion
 from services.core.volume import Volume
+from services.evaluation import dice
 from services.label_estimation.pipeline import LabelEstimator
 
 #: Overlay colours: correct (both) yellow, missed (truth only) green, extra (estimate only) red.
