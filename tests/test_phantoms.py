@@ -15,12 +15,13 @@ import pytest
 from scipy import ndimage
 
 from services.cli.main import main
+from services.core.grid import Grid
 from services.core.io import read_image
 from services.core.manifest import REQUIRED_COLUMNS, read_manifest
 from services.core.sample_data import sample_path
-from services.core.volume import Volume
 from services.label_estimation.dose import read_rtdose
 from training.data import generate_case, write_dataset
+from training.data.case import centred_geometry
 from training.data.painting import paint_label
 from training.data.rtdose import sample_labels
 from training.data.shapes import FAMILIES, IRREGULAR_FAMILIES, random_shape, rasterize
@@ -44,7 +45,7 @@ def _family_sphere_dice(
     out = []
     for _ in range(count):
         shape_zyx = (max(int(64 / spacing[2]), 12), 90, 90)
-        grid = Volume(np.zeros(shape_zyx, np.uint8), spacing)
+        grid = Grid(shape_zyx, spacing)
         centre = grid.index_to_world((np.asarray(grid.shape_xyz) - 1) / 2) + rng.uniform(-1, 1, 3)
         shape = random_shape(rng, family, rng.uniform(6, 30), centre)
         mask = np.zeros(shape_zyx, np.uint16)
@@ -340,12 +341,25 @@ def test_all_shape_families_rasterise_on_oblique_grid():
     """Shapes are world-space objects: an oblique, anisotropic grid still gets a compact mask."""
     angle = np.deg2rad(20)
     direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    grid = Volume(np.zeros((20, 60, 60), np.uint8), (0.8, 0.8, 2.5), (-24.0, -24.0, -25.0), direction)
+    grid = Grid((20, 60, 60), (0.8, 0.8, 2.5), (-24.0, -24.0, -25.0), direction)
     rng = np.random.default_rng(0)
     for family in FAMILIES:
         shape = random_shape(rng, family, 14.0, np.array([0.0, 0.0, 0.0]))
-        mask = np.zeros(grid.array.shape, np.uint16)
+        mask = np.zeros(grid.shape, np.uint16)
         assert paint_label(mask, rasterize(shape, grid), 1) > 10
         label = weak_labels_from_mask(grid.with_array(mask))[0]
         assert np.linalg.norm(label.center_mm) < 5.0
         assert 8.0 < label.diameter_mm < 40.0
+
+
+@pytest.mark.parametrize("shape_zyx", [(128, 256, 256), (1, 512, 512), (24, 1, 1), (3, 5, 7)])
+def test_centred_geometry_is_bit_identical_to_the_grid_the_shipped_phantoms_used(shape_zyx):
+    """The published model and its metrics were trained on these exact grids: not one bit may move."""
+    spacing = (0.7421875, 0.7421875, 1.25)
+    grid = centred_geometry(shape_zyx, spacing, 17.3)
+    nz, ny, nx = shape_zyx
+    # The origin formula of the original placeholder-Volume implementation.
+    origin = (-(nx - 1) / 2 * spacing[0], -(ny - 1) / 2 * spacing[1], 17.3 - (nz - 1) / 2 * spacing[2])
+    assert isinstance(grid, Grid) and grid.shape == shape_zyx and grid.spacing == spacing
+    assert np.asarray(grid.origin).tobytes() == np.asarray(origin, dtype=np.float64).tobytes()
+    assert np.array_equal(grid.direction, np.eye(3))

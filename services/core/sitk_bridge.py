@@ -16,6 +16,7 @@ from services.core.volume import Volume
 
 
 def sitk_from_volume(volume: Volume) -> sitk.Image:
+    """The volume as an ITK image with the same geometry (bool becomes uint8: ITK has no bool pixel)."""
     array = volume.array
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
@@ -27,6 +28,7 @@ def sitk_from_volume(volume: Volume) -> sitk.Image:
 
 
 def volume_from_sitk(image: sitk.Image, metadata: Mapping[str, Any] | None = None) -> Volume:
+    """The ITK image as a Volume; a 2D image becomes one slice (1 mm, identity in z), vectors are refused."""
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("multi-component (vector/RGB) images are not supported")
     dimension = image.GetDimension()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.core.volume import Volume
+from services.core.grid import Grid
 from training.data.case import (
     LesionRecord,
     PhantomCase,
@@ -33,7 +33,7 @@ T1_VALUES = {"scalp": 900.0, "skull": 120.0, "csf": 250.0, "gm": 550.0, "wm": 75
 def insert_metastases(
     rng: np.random.Generator,
     image: np.ndarray,
-    geometry: Volume,
+    geometry: Grid,
     region: np.ndarray,
     white_matter_value: float,
     noise_sd: float,

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from services.core.grid import Grid
 from services.core.volume import Volume
 from training.data.painting import BlendMode, blend, overlaps, paint_label
 from training.data.shapes import LesionShape, Profile, rasterize
@@ -43,25 +44,21 @@ class PhantomCase:
 
 def centred_geometry(
     shape_zyx: tuple[int, int, int], spacing_xyz: tuple[float, float, float], z_centre_mm: float = 0.0
-) -> Volume:
-    """An axial LPS grid centred on the patient axis (identity direction), as scanners reconstruct."""
-    nz, ny, nx = shape_zyx
-    origin = (
-        -(nx - 1) / 2 * spacing_xyz[0],
-        -(ny - 1) / 2 * spacing_xyz[1],
-        z_centre_mm - (nz - 1) / 2 * spacing_xyz[2],
-    )
-    # A zero-stride placeholder array: the grid carries geometry only, no memory.
-    return Volume(np.broadcast_to(np.zeros((), dtype=np.uint8), shape_zyx), spacing_xyz, origin)
+) -> Grid:
+    """An axial LPS grid centred on the patient axis (identity direction), as scanners reconstruct.
+
+    Geometry only: the generators draw their anatomy on it and put values on it with ``with_array``.
+    """
+    return Grid.centred_on((0.0, 0.0, z_centre_mm), shape_zyx, spacing_xyz)
 
 
-def axis_coordinates_mm(geometry: Volume) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def axis_coordinates_mm(geometry: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """World x, y, z of voxel centres as broadcastable (1,1,nx), (1,ny,1), (nz,1,1) float32 arrays.
 
     Valid for the identity-direction grids the synthetic generators use; cheap to combine into
     analytic anatomy without materialising a (z, y, x, 3) coordinate array.
     """
-    nz, ny, nx = geometry.array.shape
+    nz, ny, nx = geometry.shape
     ox, oy, oz = geometry.origin
     sx, sy, sz = geometry.spacing
     x = (ox + sx * np.arange(nx, dtype=np.float64)).astype(np.float32)[None, None, :]
@@ -118,7 +115,7 @@ def add_noise(rng: np.random.Generator, image: np.ndarray, sd: float, *, rician:
 def place_lesion(
     rng: np.random.Generator,
     shape: LesionShape,
-    geometry: Volume,
+    geometry: Grid,
     image: np.ndarray,
     mask: np.ndarray,
     lesion_id: int,
@@ -137,7 +134,7 @@ def place_lesion(
     return True
 
 
-def choose_point(rng: np.random.Generator, region: np.ndarray, geometry: Volume) -> np.ndarray | None:
+def choose_point(rng: np.random.Generator, region: np.ndarray, geometry: Grid) -> np.ndarray | None:
     """A random voxel centre (world mm) of a boolean region on the grid; None when it is empty."""
     flat = np.flatnonzero(region)
     if flat.size == 0:

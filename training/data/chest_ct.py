@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.core.volume import Volume
+from services.core.grid import Grid
 from training.data.case import (
     LesionRecord,
     PhantomCase,
@@ -54,7 +54,7 @@ def _blend(base: np.ndarray, value, weight: np.ndarray) -> np.ndarray:
     return base
 
 
-def chest_anatomy(rng: np.random.Generator, geometry: Volume) -> tuple[np.ndarray, np.ndarray, dict]:
+def chest_anatomy(rng: np.random.Generator, geometry: Grid) -> tuple[np.ndarray, np.ndarray, dict]:
     """HU image (float32) and lung fraction of a synthetic thorax on ``geometry``; plus its parameters."""
     x, y, z = axis_coordinates_mm(geometry)
     ramp = float(np.sqrt(geometry.spacing[0] * geometry.spacing[1]))
@@ -69,7 +69,7 @@ def chest_anatomy(rng: np.random.Generator, geometry: Volume) -> tuple[np.ndarra
     lung_cy = yc + b * rng.uniform(-0.05, 0.08)
 
     body = _ellipse_fraction(x, y, 0.0, yc, a, b, ramp)
-    tissue = np.full(geometry.array.shape, -100.0, dtype=np.float32)  # subcutaneous fat
+    tissue = np.full(geometry.shape, -100.0, dtype=np.float32)  # subcutaneous fat
     tissue = _blend(tissue, 45.0, _ellipse_fraction(x, y, 0.0, yc, a * 0.92, b * 0.9, ramp))
     # Ribs: a sloping banded annulus (each rib crosses the slice obliquely, so bands drift with angle).
     r_body = np.sqrt((x / a) ** 2 + ((y - yc) / b) ** 2)
@@ -103,7 +103,7 @@ def chest_anatomy(rng: np.random.Generator, geometry: Volume) -> tuple[np.ndarra
     return image, lungs.astype(np.float32), params
 
 
-def _vessel_tree(rng: np.random.Generator, geometry: Volume, params: dict) -> list:
+def _vessel_tree(rng: np.random.Generator, geometry: Grid, params: dict) -> list:
     """Pulmonary arteries/veins: three trunks per hilum, branching towards the periphery."""
     lung_ax, lung_ay = params["lung_semi_axes_mm"]
     height = params["lung_half_height_mm"]
@@ -163,7 +163,7 @@ def _nodule(
 
 
 def _pleural_point(
-    rng: np.random.Generator, lungs: np.ndarray, geometry: Volume, start_mm: np.ndarray, inset_mm: float
+    rng: np.random.Generator, lungs: np.ndarray, geometry: Grid, start_mm: np.ndarray, inset_mm: float
 ):
     """Walk from a lung point along a random in-plane direction to the pleura, then step back inside."""
     direction = np.array([*rng.standard_normal(2), 0.0])
@@ -184,7 +184,7 @@ def _pleural_point(
 def insert_nodules(
     rng: np.random.Generator,
     image: np.ndarray,
-    geometry: Volume,
+    geometry: Grid,
     lungs: np.ndarray,
     noise_sd: float,
     count: int,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.core.volume import Volume
+from services.core.grid import Grid
 from training.data.case import (
     LesionRecord,
     PhantomCase,
@@ -39,7 +39,7 @@ def _thickness(x, y, cx, cy, ax, ay):
 
 
 def cxr_anatomy(
-    rng: np.random.Generator, geometry: Volume, heart_scale: float = 1.0
+    rng: np.random.Generator, geometry: Grid, heart_scale: float = 1.0
 ) -> tuple[np.ndarray, dict]:
     """Attenuation map (1, H, W) float32 and the masks/parameters lesions are placed with."""
     x, y, _ = axis_coordinates_mm(geometry)
@@ -196,7 +196,7 @@ def generate(
     )
 
 
-def _dummy_shape(geometry: Volume, mask: np.ndarray) -> LesionShape:
+def _dummy_shape(geometry: Grid, mask: np.ndarray) -> LesionShape:
     """A stand-in shape record for findings painted from a region rather than a shape model."""
     k, j, i = np.argwhere(mask).mean(0)
     return LesionShape("region", geometry.index_to_world([i, j, k]), np.eye(3), np.ones(3))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.core.volume import Volume
+from services.core.grid import Grid
 from training.data.case import axis_coordinates_mm, smooth_field
 
 
@@ -20,7 +20,7 @@ def _ellipsoid_fraction(x, y, z, centre, semi, ramp_mm) -> np.ndarray:
     return np.clip(0.5 + (1.0 - r) * (min(sx, sy, sz) / ramp_mm), 0.0, 1.0)
 
 
-def head_tissues(rng: np.random.Generator, geometry: Volume) -> dict[str, np.ndarray]:
+def head_tissues(rng: np.random.Generator, geometry: Grid) -> dict[str, np.ndarray]:
     """Tissue fractions summing to ≤ 1 per voxel: scalp, skull, csf, gm, wm (the rest is air)."""
     x, y, z = axis_coordinates_mm(geometry)
     ramp = float(np.prod(geometry.spacing) ** (1 / 3))

@@ -64,7 +64,7 @@ def generate(task: str, rng: np.random.Generator) -> PhantomCase:
         lungs = _lung_region(image)
         noise_sd = _noise_sd(image, lungs)
         mask, records = insert_nodules(
-            rng, image, real, lungs.astype(np.float32), max(noise_sd, 5.0), int(rng.integers(1, 5))
+            rng, image, real.grid, lungs.astype(np.float32), max(noise_sd, 5.0), int(rng.integers(1, 5))
         )
         out = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
         extras = {}
@@ -75,7 +75,7 @@ def generate(task: str, rng: np.random.Generator) -> PhantomCase:
         region = brain & (image > 0.5 * wm_value)
         noise_sd = max(_noise_sd(image, brain), 1.0)
         mask, records = insert_metastases(
-            rng, image, real, region, wm_value, noise_sd, int(rng.integers(1, 5))
+            rng, image, real.grid, region, wm_value, noise_sd, int(rng.integers(1, 5))
         )
         out = np.clip(np.rint(image), 0, 32767).astype(np.int16)
         extras = {
@@ -97,7 +97,7 @@ def generate(task: str, rng: np.random.Generator) -> PhantomCase:
         for _ in range(count * 25):
             if len(records) == count:
                 break
-            centre = choose_point(rng, lungs, real)
+            centre = choose_point(rng, lungs, real.grid)
             if centre is None:
                 break
             shape = random_shape(
@@ -112,7 +112,7 @@ def generate(task: str, rng: np.random.Generator) -> PhantomCase:
             if place_lesion(
                 rng,
                 shape,
-                real,
+                real.grid,
                 image,
                 mask,
                 len(records) + 1,

@@ -17,31 +17,34 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from services.core.atomic import atomic_output
+from services.core.grid import Grid, as_grid
 from services.core.volume import Volume
 
 RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
 PRESCRIPTION_FRACTION = 0.5
 
 
-def dose_geometry(image: Volume, spacing_mm: float) -> Volume:
-    """A grid covering the image's box at a coarser isotropic ``spacing_mm`` (same direction)."""
+def dose_geometry(image: Grid | Volume, spacing_mm: float) -> Grid:
+    """A grid covering the image's box at a coarser isotropic ``spacing_mm`` (same direction).
+
+    Sizes round up (unlike :meth:`Grid.respaced`), so the dose grid covers every image voxel.
+    """
     extent = np.asarray(image.shape_xyz) * np.asarray(image.spacing)
     size = np.maximum(1, np.ceil(extent / spacing_mm)).astype(int)
     corner = image.index_to_world(np.full(3, -0.5))
     origin = corner + image.direction @ np.full(3, spacing_mm / 2)
-    return Volume(
-        np.broadcast_to(np.zeros((), np.uint8), tuple(size[::-1])),
-        (spacing_mm,) * 3,
-        tuple(origin),
-        image.direction,
-    )
+    return Grid(tuple(int(n) for n in size[::-1]), (spacing_mm,) * 3, tuple(origin), image.direction)
 
 
 def sample_labels(
-    mask: Volume, grid: Volume, box_zyx: tuple[slice, slice, slice] | None = None
+    mask: Volume, grid: Grid | Volume, box_zyx: tuple[slice, slice, slice] | None = None
 ) -> np.ndarray:
-    """The label map sampled (nearest voxel) at the dose grid's voxel centres (within ``box_zyx``)."""
-    box = box_zyx or tuple(slice(0, n) for n in grid.array.shape)
+    """The label map sampled (nearest voxel) at the dose grid's voxel centres (within ``box_zyx``).
+
+    ``grid`` may be the dose Volume itself (its values are not read).
+    """
+    grid = as_grid(grid)
+    box = box_zyx or tuple(slice(0, n) for n in grid.shape)
     kk_, jj_, ii_ = np.meshgrid(*(np.arange(b.start, b.stop) for b in box), indexing="ij")
     world = grid.index_to_world(np.stack([ii_, jj_, kk_], axis=-1).astype(float))
     idx = mask.world_to_nearest_index(world)
@@ -51,7 +54,7 @@ def sample_labels(
     return np.where(valid, np.asarray(mask.array)[idx[..., 2], idx[..., 1], idx[..., 0]], 0)
 
 
-def _target_box(mask: Volume, grid: Volume, region: tuple[slice, slice, slice], margin_mm: float):
+def _target_box(mask: Volume, grid: Grid, region: tuple[slice, slice, slice], margin_mm: float):
     """Dose-grid box around a target's image-grid box, grown by ``margin_mm`` (beyond it dose ≈ 0)."""
     lo = np.array([region[2].start, region[1].start, region[0].start], float) - 0.5
     hi = np.array([region[2].stop, region[1].stop, region[0].stop], float) - 0.5
@@ -74,7 +77,7 @@ def dose_for_targets(
     done in a box 40 mm around each target: beyond that the dose is < 10⁻⁶ of its maximum.
     """
     grid = dose_geometry(mask, spacing_mm or float(rng.choice([1.5, 2.0, 2.5])))
-    dose = np.zeros(grid.array.shape, dtype=np.float64)
+    dose = np.zeros(grid.shape, dtype=np.float64)
     step = grid.spacing[0]
     regions = ndimage.find_objects(np.asarray(mask.array).astype(np.int32))
     for lesion_id in treated_ids:

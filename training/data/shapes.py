@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from services.core.errors import InputError
+from services.core.grid import Grid, as_grid
 from services.core.volume import Volume
 
 FAMILIES = ("sphere", "ellipsoid", "lobulated", "spiculated", "irregular")
@@ -217,7 +218,7 @@ def _subsample_offsets(spacing: tuple[float, float, float]) -> np.ndarray:
 
 def rasterize(
     shape: LesionShape,
-    geometry: Volume,
+    geometry: Grid | Volume,
     *,
     margin: float = 0.0,
     profile: Profile | None = None,
@@ -227,8 +228,9 @@ def rasterize(
 
     ``margin`` (in units of f) widens the surface into an ill-defined edge for the *intensity* only;
     the mask stays at f = 0. ``supersample=False`` skips the edge refinement (soft halos, where the
-    ramp already hides the voxel staircase).
+    ramp already hides the voxel staircase). A Volume is accepted for its grid (values are not read).
     """
+    geometry = as_grid(geometry)
     radius = shape.bounding_radius_mm()
     corners = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
     corners_idx = geometry.world_to_index(shape.centre_mm + radius * (1.0 + margin) * corners)

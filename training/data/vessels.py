@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.core.volume import Volume
+from services.core.grid import Grid
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,13 @@ def grow_tree(
     return segments
 
 
-def render_segments(segments: list[Segment], geometry: Volume) -> np.ndarray:
+def render_segments(segments: list[Segment], geometry: Grid) -> np.ndarray:
     """Fraction (0..1) of each voxel filled by any vessel, on ``geometry``'s grid (float32).
 
     Partial volume is a linear ramp across one (geometric-mean) voxel width at the wall — the
     analytic equivalent of supersampling for a surface with a known distance function.
     """
-    shape = geometry.array.shape
+    shape = geometry.shape
     fraction = np.zeros(shape, dtype=np.float32)
     spacing = np.asarray(geometry.spacing)
     ramp = float(np.prod(spacing) ** (1 / 3))
