@@ -87,18 +87,16 @@ def test_windows_fit_the_modality() -> None:
 @pytest.mark.parametrize("flipped", [False, True])
 def test_outline_pixels_lie_on_the_mask_boundary(tmp_path: Path, flipped: bool) -> None:
     """Every contour pixel, in the full slice and in the zoom, shows a boundary voxel of the mask:
-    a contour, not a fill, and not drawn beside the mask. Flipped storage (a RAS NIfTI) included."""
+    a contour, not a fill, and not drawn beside the mask; a reference lies on the ring just outside.
+    Flipped storage (a RAS NIfTI) included."""
     direction = np.diag([-1.0, -1.0, 1.0]) if flipped else None
     volume, mask, centre = _lesion_volume(direction)
     assert display_flips(volume) == (flipped, flipped)
-    rendered = render_overlay(
-        volume,
-        [Finding(1, centre, 12.0, [Outline(mask, ESTIMATE, "estimate")])],
-        tmp_path / "o.png",
-        title="t",
-    )
+    outlines = [Outline(mask, ESTIMATE, "estimate"), Outline(mask, REFERENCE, "reference", outside=True)]
+    rendered = render_overlay(volume, [Finding(1, centre, 12.0, outlines)], tmp_path / "o.png", title="t")
     picture = np.asarray(Image.open(rendered.path).convert("RGB"))
     boundary = mask[0] & ~ndimage.binary_erosion(mask[0], structure=np.ones((3, 3)))
+    ring = ndimage.binary_dilation(mask[0], structure=np.ones((3, 3))) & ~mask[0]
     shown = set()
     for panel in rendered.panels:
         x0, y0, x1, y1 = panel.box
@@ -108,6 +106,10 @@ def test_outline_pixels_lie_on_the_mask_boundary(tmp_path: Path, flipped: bool) 
             row, col = panel.source_index(int(x), int(y))
             assert boundary[row, col], (panel.kind, row, col)
             shown.add((row, col))
+        # The same region as a reference: drawn on the pixels just outside it, never over the estimate.
+        ys, xs = np.nonzero(_coloured(picture[y0:y1, x0:x1], REFERENCE))
+        assert len(xs) > 50, panel.kind
+        assert all(ring[panel.source_index(int(x), int(y))] for x, y in zip(xs + x0, ys + y0, strict=True))
     assert shown == set(map(tuple, np.argwhere(boundary)))  # and the whole boundary is drawn
 
 

@@ -321,7 +321,9 @@ def _findings(estimates, reference: np.ndarray | None, captions: dict[int, str],
     for estimate in estimates:
         outlines = [Outline(estimate.mask.full(), ESTIMATE, f"estimate ({estimate.method})")]
         if reference is not None:
-            outlines.append(Outline(reference == estimate.lesion_id, REFERENCE, reference_legend))
+            outlines.append(
+                Outline(reference == estimate.lesion_id, REFERENCE, reference_legend, outside=True)
+            )
         findings.append(
             Finding(
                 estimate.lesion_id,
@@ -581,7 +583,10 @@ def _real_case(client, args, token, case: RealCase, methods: list[str], out: Pat
     ]
     entry["dice_vs_overlay"] = {}
     entry["lesions"] = {}
-    dicom_source = case.path if case.path.suffix == ".dcm" or case.transport.endswith("dicom-zip") else None
+    # A SEG must reference the source instances; the radiograph reader keeps no SOP Instance UID.
+    dicom_source = case.path if case.image.metadata.get("sop_instance_uids") else None
+    if dicom_source is None and case.image.metadata.get("source_format") == "dicom":
+        print("    no DICOM SEG: the reader kept no SOP Instance UIDs for this image to reference")
     for method in methods:
         if not _applicable(method, case.image):
             print(f"    {method}: skipped (a 3D segmenter; this image has one slice)")

@@ -19,7 +19,8 @@ Why these choices:
   stored RAS would otherwise show upside down.
 * **Contours, not fills.** A filled mask hides the very edge the reader has to judge. Contours are
   drawn on the nearest-neighbour-upsampled mask, so every contour pixel lies on a boundary voxel of
-  the mask (tested), never on a smoothed guess.
+  the mask (tested), never on a smoothed guess. A reference (ground truth, a stored outline) is
+  drawn just outside its region, so a matching estimate and its reference stay both visible.
 
 Every PNG is written through :func:`services.core.atomic.atomic_output`.
 """
@@ -117,11 +118,17 @@ def apply_window(values: np.ndarray, window: Window, bounds: tuple[float, float]
 
 @dataclass(frozen=True)
 class Outline:
-    """One region drawn as a contour: a mask on the volume's grid, its colour and its legend text."""
+    """One region drawn as a contour: a mask on the volume's grid, its colour and its legend text.
+
+    ``outside`` draws the contour on the pixels just outside the region instead of its boundary
+    pixels: references are drawn that way, so an estimate that matches its reference shows as a red
+    line lined with cyan instead of one colour hiding the other.
+    """
 
     mask: np.ndarray  # bool, (z, y, x) on the volume's grid
     colour: Colour
     legend: str
+    outside: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,10 +197,12 @@ def _resize_nearest(plane: np.ndarray, width: int, height: int) -> np.ndarray:
     return plane[np.ix_(rows, cols)]
 
 
-def _contour(mask: np.ndarray, thickness: int) -> np.ndarray:
-    """Inner boundary of a display-resolution mask, ``thickness`` px wide."""
+def _contour(mask: np.ndarray, thickness: int, outside: bool = False) -> np.ndarray:
+    """Inner (or, with ``outside``, outer) boundary of a display-resolution mask, ``thickness`` px wide."""
     if not mask.any():
         return mask
+    if outside:
+        return ndimage.binary_dilation(mask, iterations=thickness) & ~mask
     return mask & ~ndimage.binary_erosion(mask, iterations=thickness, border_value=0)
 
 
@@ -301,7 +310,7 @@ def _slice_of(volume: Volume, center_mm: Sequence[float]) -> int:
 def _draw_panel(
     canvas: _Canvas,
     grey: np.ndarray,
-    masks: Sequence[tuple[np.ndarray, Colour]],
+    masks: Sequence[tuple[np.ndarray, Colour, bool]],
     origin: tuple[int, int],
     size: tuple[int, int],
     thickness: int,
@@ -310,9 +319,9 @@ def _draw_panel(
     width, height = size
     picture = Image.fromarray(grey, mode="L").resize((width, height), Image.Resampling.BILINEAR)
     rgb = np.repeat(np.asarray(picture)[..., None], 3, axis=2)
-    for mask, colour in masks:
+    for mask, colour, outside in masks:
         if mask.any():
-            rgb[_contour(_resize_nearest(mask, width, height), thickness)] = colour
+            rgb[_contour(_resize_nearest(mask, width, height), thickness, outside)] = colour
     canvas.image.paste(Image.fromarray(rgb, mode="RGB"), origin)
 
 
@@ -427,7 +436,7 @@ def render_overlay(
         bounds = window.bounds(plane)
         grey = apply_window(plane, window, bounds)
         masks = [
-            (_oriented(outline.mask[z], flip_rows, flip_cols), outline.colour)
+            (_oriented(outline.mask[z], flip_rows, flip_cols), outline.colour, outline.outside)
             for finding in findings
             for outline in finding.outlines
         ]
@@ -493,7 +502,7 @@ def render_overlay(
             r_clip = np.clip(rows_idx, 0, n_rows - 1)
             c_clip = np.clip(cols_idx, 0, n_cols - 1)
             crop_grey = np.where(inside, grey[np.ix_(r_clip, c_clip)], 0).astype(np.uint8)
-            crop_masks = [(np.where(inside, m[np.ix_(r_clip, c_clip)], False), c) for m, c in masks]
+            crop_masks = [(np.where(inside, m[np.ix_(r_clip, c_clip)], False), c, o) for m, c, o in masks]
             zoom_px = min(crop_size[0] / crop_cols, crop_size[1] / crop_rows)
             _draw_panel(canvas, crop_grey, crop_masks, (cx0, cy0), crop_size, 2 if zoom_px >= 2 else 1)
             crop_box = (cx0, cy0, cx0 + crop_size[0], cy0 + crop_size[1])
