@@ -49,6 +49,7 @@ from services.core.overlay import (
     render_overlay,
 )
 from services.core.volume import Volume
+from services.evaluation import dice
 
 PHANTOM_TASKS = ("chest-ct-nodule", "brain-mr-metastasis", "cxr-mass")
 #: The window a radiologist reads each phantom task in (the hybrids are re-read from NIfTI, which
@@ -287,18 +288,9 @@ def real_sample_plan(names: Sequence[str] | None = None) -> list[RealCase]:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
 def _qc_and_diameter(estimate) -> tuple[bool, float]:
-    """(QC passed, measured maximum diameter in mm): the one place the demo reads ``qc`` and
-    ``measurements``, which are dicts in older results and dataclasses in the typed ones."""
-    qc, measured = estimate.qc, estimate.measurements
-    if isinstance(qc, dict):
-        return bool(qc.get("passed")), float(measured.get("max_diameter_mm") or 0.0)
-    return bool(qc.passed), float(measured.max_diameter_mm or 0.0)
+    """(QC passed, measured maximum diameter in mm) of one typed estimate."""
+    return estimate.qc.passed, estimate.measurements.max_diameter_mm
 
 
 def _write_outputs(image: Volume, estimates, folder: Path, dicom_source: Path | None) -> list[str]:
@@ -455,7 +447,7 @@ def _run_phantoms(client, args, methods: list[str], out: Path):
             estimates = estimates_from_response(image, prompts, response)
             captions = {}
             for estimate in estimates:
-                score = _dice(estimate.mask.full(), truth == estimate.lesion_id)
+                score = dice(estimate.mask.full(), truth == estimate.lesion_id)
                 passed, _ = _qc_and_diameter(estimate)
                 dice[(task, method)].append(score)
                 qc_passed[method].append(passed)
@@ -501,7 +493,7 @@ def _dose_case(client, image, truth, rtdose: Path, rows: list[dict], folder: Pat
         lesion = truth == int(row["lesion_id"])
         overlapping = labels[lesion]
         best = int(np.bincount(overlapping[overlapping > 0]).argmax()) if overlapping.any() else 0
-        scores.append(_dice(labels == best, lesion) if best else 0.0)
+        scores.append(dice(labels == best, lesion) if best else 0.0)
     print(f"  {rtdose.name}: {len(response.targets)} dose targets at 50% isodose → {folder}")
     return scores
 
@@ -511,11 +503,7 @@ def _send(client, args, token, case: RealCase, prompts: Sequence[LesionPrompt], 
     from services.api import http_client
     from services.api.client import zip_folder
     from services.api.pb import label_estimation_pb2 as pb
-
-    try:
-        from services.label_estimation.wire import prompts_to_proto
-    except ImportError:  # the tree before the wire module
-        from services.api.client import prompt_messages as prompts_to_proto
+    from services.label_estimation.wire import prompts_to_proto
 
     if case.transport == "http-dicom-zip":
         request = pb.EstimateRequest(lesions=prompts_to_proto(prompts), method=method)
@@ -600,7 +588,7 @@ def _real_case(client, args, token, case: RealCase, methods: list[str], out: Pat
             qc = "QC passed" if passed else "QC flagged"
             size = f"{measured:.0f} {case.units}"
             if case.reference is not None:
-                score = _dice(estimate.mask.full(), case.reference == estimate.lesion_id)
+                score = dice(estimate.mask.full(), case.reference == estimate.lesion_id)
                 entry["dice_vs_overlay"].setdefault(method, []).append(round(score, 4))
                 captions[estimate.lesion_id] = f"{method}: Dice {score:.2f} vs file outline; {qc}"
                 parts.append(f"lesion {estimate.lesion_id} Dice {score:.3f} vs overlay outline, {qc}")
