@@ -13,7 +13,7 @@ from services.api.client import channel
 from services.api.pb import label_estimation_pb2_grpc as pb_grpc
 from tests.serving_support import estimate_request, small_volume, start_stack
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)  # liveness only: ~40 s on 2 idle cores, nothing is timed
 
 CONCURRENCY = 32
 WARM_UP = 500

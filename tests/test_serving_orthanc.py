@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    server = LocalOrthanc(tmp_path_factory.mktemp("orthanc")).start()
+    server = LocalOrthanc(tmp_path_factory.mktemp("orthanc")).start(timeout_s=60)  # readiness: generous
     yield server
     server.stop()
 
