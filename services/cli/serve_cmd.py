@@ -43,13 +43,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "all", help="every service + the gateway (+ Triton with --backend triton) as child processes"
     )
     _gateway_options(both, routes=False)
-    both.add_argument(
-        "--service-listen",
-        action="append",
-        default=[],
-        metavar="NAME=HOST:PORT",
-        help=f"a service's gRPC address (default: the table's, {DEFAULT_UPSTREAMS})",
-    )
+    _addresses_option(both, "--service-listen", "a service's gRPC address")
     both.add_argument(
         "--backend", choices=("embedded", "triton"), default="embedded", help="inference backend"
     )
@@ -87,17 +81,22 @@ def _service_options(parser: argparse.ArgumentParser, entry: Capability) -> None
     parser.add_argument("--inference", default=None, help="embedded (default) or triton://host:port")
 
 
+def _addresses_option(parser: argparse.ArgumentParser, option: str, what: str) -> None:
+    """``NAME=HOST:PORT`` for any capability of the table (repeatable); the table's addresses otherwise."""
+    parser.add_argument(
+        option,
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help=f"{what} ({', '.join(r.name for r in ROUTES)}); default {DEFAULT_UPSTREAMS}",
+    )
+
+
 def _gateway_options(parser: argparse.ArgumentParser, routes: bool = True) -> None:
     parser.add_argument("--grpc-listen", default="127.0.0.1:50051", help="gateway gRPC address")
     parser.add_argument("--http-listen", default="127.0.0.1:8080", help="gateway HTTP/JSON address")
     if routes:
-        parser.add_argument(
-            "--route",
-            action="append",
-            default=[],
-            metavar="NAME=HOST:PORT",
-            help=f"upstream address of a route ({', '.join(r.name for r in ROUTES)}); default {DEFAULT_UPSTREAMS}",
-        )
+        _addresses_option(parser, "--route", "upstream address of a route")
     parser.add_argument(
         "--tokens-file", type=Path, help="accepted bearer-token hashes, one 'sha256:<hex>' a line"
     )

@@ -99,6 +99,13 @@ def _parse_message(text: bytes | str, message_class, field: str):
         raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {str(exc)[:300]}") from exc
 
 
+def _message_classes(route: Route, binding: HttpBinding) -> tuple[type, type]:
+    method = route.method(binding.rpc)
+    return message_factory.GetMessageClass(method.input_type), message_factory.GetMessageClass(
+        method.output_type
+    )
+
+
 def _to_json(message) -> dict:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
@@ -114,20 +121,22 @@ class _Endpoints:
         if self.tokens is not None and not self.tokens.check(request.headers.get("authorization")):
             raise GatewayError(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required")
 
+    async def _json_request(
+        self, request: Request, binding: HttpBinding, request_class
+    ) -> tuple[bytes, float | None]:
+        """Authorise, read the deadline header and decode the JSON body: (serialised request, timeout)."""
+        self._authorize(request)
+        timeout = _timeout(request)
+        body = b"" if binding.verb == "GET" else await _body(request, MAX_JSON_BYTES)
+        return _parse_message(body, request_class, "body").SerializeToString(), timeout
+
     def unary(self, route: Route, binding: HttpBinding):
-        method = route.method(binding.rpc)
-        request_class = message_factory.GetMessageClass(method.input_type)
-        response_class = message_factory.GetMessageClass(method.output_type)
+        request_class, response_class = _message_classes(route, binding)
 
         async def endpoint(request: Request) -> Response:
             try:
-                self._authorize(request)
-                timeout = _timeout(request)
-                body = b"" if binding.verb == "GET" else await _body(request, MAX_JSON_BYTES)
-                message = _parse_message(body, request_class, "body")
-                raw = await self.gateway.unary(
-                    route.service, binding.rpc, message.SerializeToString(), timeout
-                )
+                message, timeout = await self._json_request(request, binding, request_class)
+                raw = await self.gateway.unary(route.service, binding.rpc, message, timeout)
                 return JSONResponse(_to_json(response_class.FromString(raw)))
             except Exception as error:
                 return failure_response(error)
@@ -186,19 +195,12 @@ class _Endpoints:
         """A server-streaming RPC as newline-delimited JSON, one line per message. The first message is
         awaited before the answer starts, so a refused request still gets its HTTP status; a failure
         after that ends the stream with one ``{"code", "message"}`` line."""
-        method = route.method(binding.rpc)
-        request_class = message_factory.GetMessageClass(method.input_type)
-        response_class = message_factory.GetMessageClass(method.output_type)
+        request_class, response_class = _message_classes(route, binding)
 
         async def endpoint(request: Request) -> Response:
             try:
-                self._authorize(request)
-                timeout = _timeout(request)
-                body = b"" if binding.verb == "GET" else await _body(request, MAX_JSON_BYTES)
-                message = _parse_message(body, request_class, "body")
-                messages = self.gateway.server_stream(
-                    route.service, binding.rpc, message.SerializeToString(), timeout
-                )
+                message, timeout = await self._json_request(request, binding, request_class)
+                messages = self.gateway.server_stream(route.service, binding.rpc, message, timeout)
                 try:
                     first = await anext(messages, None)
                 except BaseException:
