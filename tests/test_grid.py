@@ -16,27 +16,10 @@ from services.core.lesion_prompt import LesionPrompt
 from services.core.sitk_bridge import sitk_from_volume
 from services.core.volume import Volume
 from services.label_estimation.voi import voi_grid
+from tests.test_volume import finite, oblique_volumes
 
-finite = st.floats(min_value=-500, max_value=500, allow_nan=False, allow_infinity=False)
-spacing_value = st.floats(min_value=0.05, max_value=10.0, allow_nan=False)
-
-
-@st.composite
-def oblique_grids(draw) -> Grid:
-    quaternion = draw(
-        st.lists(st.floats(-1, 1, allow_nan=False), min_size=4, max_size=4).filter(
-            lambda q: np.linalg.norm(q) > 0.1
-        )
-    )
-    direction = Rotation.from_quat(quaternion).as_matrix()
-    # ITK inverts the direction by SVD, which returns NaN on subnormal cosines (no scanner writes them).
-    direction[np.abs(direction) < 1e-300] = 0.0
-    if draw(st.booleans()):  # left-handed grids (NIfTI flipped to LPS) exist too
-        direction[:, 2] *= -1
-    spacing = tuple(draw(spacing_value) for _ in range(3))
-    origin = tuple(draw(finite) for _ in range(3))
-    shape = tuple(draw(st.integers(1, 6)) for _ in range(3))
-    return Grid(shape, spacing, origin, direction)
+#: The oblique, anisotropic, possibly left-handed geometries test_volume draws, without their zeros.
+oblique_grids = oblique_volumes().map(lambda volume: volume.grid)
 
 
 def _oblique() -> Grid:
@@ -45,7 +28,7 @@ def _oblique() -> Grid:
 
 
 @settings(max_examples=200, deadline=None)
-@given(grid=oblique_grids(), index=st.lists(st.floats(-50, 50, allow_nan=False), min_size=3, max_size=3))
+@given(grid=oblique_grids, index=st.lists(st.floats(-50, 50, allow_nan=False), min_size=3, max_size=3))
 def test_index_world_round_trip_agrees_with_volume_and_simpleitk(grid: Grid, index: list[float]) -> None:
     world = grid.index_to_world(index)
     np.testing.assert_allclose(grid.world_to_index(world), index, atol=1e-6)
@@ -61,7 +44,7 @@ def test_index_world_round_trip_agrees_with_volume_and_simpleitk(grid: Grid, ind
 
 
 @settings(max_examples=100, deadline=None)
-@given(grid=oblique_grids(), world=st.lists(finite, min_size=3, max_size=3))
+@given(grid=oblique_grids, world=st.lists(finite, min_size=3, max_size=3))
 def test_world_index_round_trip_and_nearest_index(grid: Grid, world: list[float]) -> None:
     np.testing.assert_allclose(grid.index_to_world(grid.world_to_index(world)), world, atol=1e-6)
     image = sitk_from_volume(grid.with_array(np.zeros(grid.shape, np.uint8)))

@@ -89,18 +89,11 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from training.label_unet.train import TrainingSettings
+    from training.label_unet.train_folds import settings_from_args
 
     if args.steps < 1 or args.batch_size < 1:
         raise InputError("must be ≥ 1", field="steps")
-    return TrainingSettings(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        device=args.device,
-        workers=args.workers,
-    )
+    return settings_from_args(args)
 
 
 def run_experiment(args: argparse.Namespace) -> int:
@@ -173,6 +166,7 @@ def _export(args: argparse.Namespace, onnx: bytes, record: dict) -> None:
     from services.inference.factory import default_repository
     from services.label_estimation.unet import MODEL_NAME
     from services.label_estimation.voi import VOI_SIZE
+    from training.label_unet.publish import loto_dice_metrics
 
     metrics: dict[str, float] = {
         "training_final_loss": record["final_loss"],
@@ -180,9 +174,7 @@ def _export(args: argparse.Namespace, onnx: bytes, record: dict) -> None:
     }
     if args.metrics is not None:
         summary = json.loads(args.metrics.read_text())
-        for key, value in summary["dice"].items():
-            metrics[f"loto_dice_mean/{key}"] = round(value["mean"], 4)
-            metrics[f"loto_dice_sd/{key}"] = round(value["sd"], 4)
+        metrics |= loto_dice_metrics(summary["dice"], with_counts=False)
     command = "wlcad " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     path = register_onnx_model(
         default_repository(),

@@ -11,16 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from services.core.grid import Grid
-from training.data.case import (
-    LesionRecord,
-    PhantomCase,
-    add_noise,
-    bias_field,
-    centred_geometry,
-    choose_point,
-    log_uniform,
-    place_lesion,
-)
+from training.data import case
+from training.data.case import LesionRecord, PhantomCase
 from training.data.head import compose, head_tissues
 from training.data.rtdose import dose_for_targets
 from training.data.shapes import FAMILIES, constant_profile, core_rim_profile, random_shape, rasterize
@@ -41,14 +33,9 @@ def insert_metastases(
 ) -> tuple[np.ndarray, list[LesionRecord]]:
     """Paint ``count`` metastases (+ oedema) whose centres fall in ``region``; returns mask, records."""
     mask = np.zeros(image.shape, dtype=np.uint16)
-    records: list[LesionRecord] = []
-    for _ in range(count * 20):
-        if len(records) == count:
-            break
-        centre = choose_point(rng, region, geometry)
-        if centre is None:
-            break
-        diameter = log_uniform(rng, 2.0, 30.0)
+
+    def metastasis(centre: np.ndarray, lesion_id: int) -> LesionRecord | None:
+        diameter = case.log_uniform(rng, 2.0, 30.0)
         ring = diameter > 8.0 and rng.random() < 0.5
         family = str(rng.choice(FAMILIES, p=[0.3, 0.25, 0.25, 0.05, 0.15]))
         shape = random_shape(rng, family, diameter, centre)
@@ -67,20 +54,21 @@ def insert_metastases(
             supersample=False,
         )
         if halo is not None and np.any(mask[halo.slices][halo.weight > 0.05]):
-            continue
+            return None  # the oedema would touch another lesion
         trial = image.copy() if halo is not None else image
         if halo is not None and diameter > 5.0:
             view = trial[halo.slices]
             view *= 1.0 - halo.weight
             view += halo.shaded
-        lesion_id = len(records) + 1
-        if place_lesion(rng, shape, geometry, trial, mask, lesion_id, profile, margin=rng.uniform(0.0, 0.1)):
-            image[...] = trial
-            kind = "ring-enhancing" if ring else "solid"
-            records.append(
-                LesionRecord(lesion_id, kind, shape, float(cnr), {"treated": bool(rng.random() < 0.75)})
-            )
-    return mask, records
+        if not case.place_lesion(
+            rng, shape, geometry, trial, mask, lesion_id, profile, margin=rng.uniform(0.0, 0.1)
+        ):
+            return None
+        image[...] = trial
+        kind = "ring-enhancing" if ring else "solid"
+        return LesionRecord(lesion_id, kind, shape, float(cnr), {"treated": bool(rng.random() < 0.75)})
+
+    return mask, case.place_lesions(count, 20, lambda: case.choose_point(rng, region, geometry), metastasis)
 
 
 def generate(rng: np.random.Generator, size_xyz: tuple[int, int, int] | None = None) -> PhantomCase:
@@ -88,7 +76,7 @@ def generate(rng: np.random.Generator, size_xyz: tuple[int, int, int] | None = N
     nx, ny, nz = size_xyz or DEFAULT_SIZE_XYZ
     spacing_xy = float(np.clip(rng.uniform(220, 250) / nx, 0.5, 1.2))
     spacing_z = float(rng.choice([1.0, 1.5, 3.0, 5.0], p=[0.45, 0.15, 0.15, 0.25]))
-    geometry = centred_geometry((nz, ny, nx), (spacing_xy, spacing_xy, spacing_z), rng.uniform(-20, 20))
+    geometry = case.centred_geometry((nz, ny, nx), (spacing_xy, spacing_xy, spacing_z), rng.uniform(-20, 20))
     tissues = head_tissues(rng, geometry)
     image = compose(tissues, T1_VALUES, air=0.0)
     noise_sd = float(rng.uniform(12, 35))
@@ -96,16 +84,10 @@ def generate(rng: np.random.Generator, size_xyz: tuple[int, int, int] | None = N
     mask, records = insert_metastases(
         rng, image, geometry, region, T1_VALUES["wm"], noise_sd, int(rng.integers(1, 6))
     )
-    image *= bias_field(rng, image.shape, rng.uniform(0.05, 0.2))
-    add_noise(rng, image, noise_sd, rician=True)
-    mask_volume = geometry.with_array(mask)
-    dose = dose_for_targets(rng, mask_volume, [r.lesion_id for r in records if r.extra.get("treated")])
-    return PhantomCase(
-        TASK,
-        geometry.with_array(np.clip(np.rint(image), 0, 4095).astype(np.int16), modality="MR"),
-        mask_volume,
-        records,
-        abnormal=bool(records),
-        info={"noise_sd": noise_sd, "units": "a.u. (T1 post-contrast)"},
-        extras={"dose": dose},
+    case.mr_signal(rng, image, noise_sd, (0.05, 0.2))
+    treated = [r.lesion_id for r in records if r.extra.get("treated")]
+    dose = dose_for_targets(rng, geometry.with_array(mask), treated)
+    info = {"noise_sd": noise_sd, "units": "a.u. (T1 post-contrast)"}
+    return case.finish_case(
+        TASK, geometry, image, mask, records, modality="MR", info=info, extras={"dose": dose}
     )

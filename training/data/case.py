@@ -7,8 +7,9 @@ about how it was made (noise sd, spacing choice, hard negatives) for tests and d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -16,6 +17,15 @@ from services.core.grid import Grid
 from services.core.volume import Volume
 from training.data.painting import BlendMode, blend, overlaps, paint_label
 from training.data.shapes import LesionShape, Profile, rasterize
+
+#: Stored value ranges of the int16 images: 12-bit unsigned (MR magnitude, radiograph detector) and
+#: 12-bit CT in HU (−1024 is air; what a scanner's rescale makes of 0..4095).
+UNSIGNED_12BIT = (0, 4095)
+CT_HU_12BIT = (-1024, 3071)
+#: The synthetic scanners all store 12 bits, so the modality decides the range.
+STORED_RANGE = {"CT": CT_HU_12BIT, "MR": UNSIGNED_12BIT, "DX": UNSIGNED_12BIT}
+
+Candidate = TypeVar("Candidate")
 
 
 @dataclass
@@ -132,6 +142,74 @@ def place_lesion(
         return False
     blend(image, raster, mode)
     return True
+
+
+def place_lesions(
+    count: int,
+    attempts_per_lesion: int,
+    propose: Callable[[], Candidate | None],
+    attempt: Callable[[Candidate, int], LesionRecord | None],
+) -> list[LesionRecord]:
+    """Try to paint ``count`` lesions: the attempt budget, stop rules and id numbering every generator shares.
+
+    ``propose()`` draws a candidate (a centre, a vessel joint) or returns None when nothing is left to
+    draw from, which ends the search; ``attempt(candidate, lesion_id)`` draws and paints one lesion
+    and returns its record, or None when it was refused (overlap, outside the grid). Ids are 1, 2, …
+    in painting order. The checks come before each draw, in this order, because the phantoms (and
+    the published model trained on them) depend on the exact sequence of random draws.
+    """
+    records: list[LesionRecord] = []
+    for _ in range(count * attempts_per_lesion):
+        if len(records) == count:
+            break
+        candidate = propose()
+        if candidate is None:
+            break
+        record = attempt(candidate, len(records) + 1)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def mr_signal(
+    rng: np.random.Generator, image: np.ndarray, noise_sd: float, bias_strength: tuple[float, float]
+) -> None:
+    """The MR acquisition, in place: a receive-coil bias field, then Rician magnitude noise.
+
+    Applied after the lesions are painted, so lesions share the bias and noise of their surroundings
+    (the strength is drawn first, then the field, then the noise).
+    """
+    image *= bias_field(rng, image.shape, rng.uniform(*bias_strength))
+    add_noise(rng, image, noise_sd, rician=True)
+
+
+def to_int16(image: np.ndarray, stored_range: tuple[int, int]) -> np.ndarray:
+    """Round and clip to the modality's stored range (:data:`UNSIGNED_12BIT`, :data:`CT_HU_12BIT`)."""
+    return np.clip(np.rint(image), *stored_range).astype(np.int16)
+
+
+def finish_case(
+    task: str,
+    geometry: Grid,
+    image: np.ndarray,
+    mask: np.ndarray,
+    records: list[LesionRecord],
+    *,
+    modality: str,
+    info: dict[str, Any],
+    extras: dict[str, Volume] | None = None,
+) -> PhantomCase:
+    """The case as written to disk: int16 image (:data:`STORED_RANGE` of ``modality``) and label map
+    on the grid; abnormal iff a lesion was painted."""
+    return PhantomCase(
+        task,
+        geometry.with_array(to_int16(image, STORED_RANGE[modality]), modality=modality),
+        geometry.with_array(mask),
+        records,
+        abnormal=bool(records),
+        info=info,
+        extras=extras or {},
+    )
 
 
 def choose_point(rng: np.random.Generator, region: np.ndarray, geometry: Grid) -> np.ndarray | None:

@@ -13,19 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from services.core.grid import Grid
-from training.data.case import (
-    LesionRecord,
-    PhantomCase,
-    add_noise,
-    axis_coordinates_mm,
-    centred_geometry,
-    choose_point,
-    log_uniform,
-    place_lesion,
-    smooth_field,
-)
+from training.data import case
+from training.data.case import LesionRecord, PhantomCase
 from training.data.shapes import FAMILIES, constant_profile, core_rim_profile, random_shape
-from training.data.vessels import grow_tree, render_segments, segment_points
+from training.data.vessels import TreeStyle, grow_tree, render_segments, segment_points
 
 TASK = "chest-ct-nodule"
 DEFAULT_SIZE_XYZ = (256, 256, 128)
@@ -56,7 +47,7 @@ def _blend(base: np.ndarray, value, weight: np.ndarray) -> np.ndarray:
 
 def chest_anatomy(rng: np.random.Generator, geometry: Grid) -> tuple[np.ndarray, np.ndarray, dict]:
     """HU image (float32) and lung fraction of a synthetic thorax on ``geometry``; plus its parameters."""
-    x, y, z = axis_coordinates_mm(geometry)
+    x, y, z = case.axis_coordinates_mm(geometry)
     ramp = float(np.sqrt(geometry.spacing[0] * geometry.spacing[1]))
     a = rng.uniform(140, 170)  # half body width
     b = a * rng.uniform(0.62, 0.75)
@@ -90,7 +81,7 @@ def chest_anatomy(rng: np.random.Generator, geometry: Grid) -> tuple[np.ndarray,
         _ellipse_fraction(x, y, lung_cx, lung_cy, lung_ax, lung_ay, ramp),
     ) * (1.0 - heart)
     lungs *= body
-    texture = smooth_field(rng, lungs.shape, (6, 10, 10))
+    texture = case.smooth_field(rng, lungs.shape, (6, 10, 10))
     lung_hu = LUNG_HU + 25.0 * texture + 35.0 * ((y - lung_cy) / b)  # dependent (posterior) density
     params = {
         "body_half_width_mm": a,
@@ -121,19 +112,10 @@ def _vessel_tree(rng: np.random.Generator, geometry: Grid, params: dict) -> list
             ) ** 2 < 0.95
 
         hilum = np.array([cx - lateral * 0.55 * lung_ax, cy, rng.uniform(-15, 10)])
+        style = TreeStyle(min_radius, inside, tortuosity=0.2, max_segments=120)
         for dz in (0.8, 0.0, -0.8):
             heading = np.array([lateral * 0.8, rng.uniform(-0.3, 0.3), dz])
-            segments += grow_tree(
-                rng,
-                hilum,
-                heading,
-                rng.uniform(4.0, 6.0),
-                length_mm=rng.uniform(35, 50),
-                min_radius_mm=min_radius,
-                inside=inside,
-                tortuosity=0.2,
-                max_segments=120,
-            )
+            segments += grow_tree(rng, hilum, heading, rng.uniform(4.0, 6.0), rng.uniform(35, 50), style)
     return segments
 
 
@@ -200,8 +182,8 @@ def insert_nodules(
         kind = str(rng.choice(NODULE_TYPES, p=_TYPE_WEIGHTS))
         if kind == "juxta-vascular" and (vessel_points_mm is None or len(vessel_points_mm) == 0):
             kind = "solid"
-        diameter = log_uniform(rng, 3.0, 30.0)
-        centre = choose_point(rng, core_region, geometry)
+        diameter = case.log_uniform(rng, 3.0, 30.0)
+        centre = case.choose_point(rng, core_region, geometry)
         if centre is None:
             break
         if kind == "juxta-pleural":
@@ -218,7 +200,7 @@ def insert_nodules(
         local = float(image[k, j, i]) if kind != "juxta-vascular" else LUNG_HU
         shape, profile, margin, contrast = _nodule(rng, kind, diameter, centre, min(local, -700.0), noise_sd)
         lesion_id = len(records) + 1
-        if place_lesion(rng, shape, geometry, image, mask, lesion_id, profile, margin=margin):
+        if case.place_lesion(rng, shape, geometry, image, mask, lesion_id, profile, margin=margin):
             records.append(LesionRecord(lesion_id, kind, shape, float(contrast)))
     return mask, records
 
@@ -229,7 +211,7 @@ def generate(rng: np.random.Generator, size_xyz: tuple[int, int, int] | None = N
     fov = rng.uniform(340, 400)
     spacing_xy = float(np.clip(fov / nx, 0.55, 1.6))
     spacing_z = float(rng.choice(SLICE_THICKNESSES_MM, p=[0.1, 0.2, 0.15, 0.15, 0.15, 0.25]))
-    geometry = centred_geometry((nz, ny, nx), (spacing_xy, spacing_xy, spacing_z), rng.uniform(-40, 40))
+    geometry = case.centred_geometry((nz, ny, nx), (spacing_xy, spacing_xy, spacing_z), rng.uniform(-40, 40))
     image, lungs, params = chest_anatomy(rng, geometry)
     segments = _vessel_tree(rng, geometry, params)
     vessels = render_segments(segments, geometry)
@@ -240,17 +222,10 @@ def generate(rng: np.random.Generator, size_xyz: tuple[int, int, int] | None = N
     mask, records = insert_nodules(
         rng, image, geometry, lungs, noise_sd, int(rng.integers(1, 5)), segment_points(segments, 1.0)
     )
-    add_noise(rng, image, noise_sd)
-    hu = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
-    return PhantomCase(
-        TASK,
-        geometry.with_array(hu, modality="CT"),
-        geometry.with_array(mask),
-        records,
-        abnormal=bool(records),
-        info={"noise_sd": noise_sd, "units": "HU", "lung_fraction": "lungs>0.5", **_json_params(params)},
-        extras={"lungs": geometry.with_array((lungs > 0.5).astype(np.uint8))},
-    )
+    case.add_noise(rng, image, noise_sd)
+    info = {"noise_sd": noise_sd, "units": "HU", "lung_fraction": "lungs>0.5", **_json_params(params)}
+    extras = {"lungs": geometry.with_array((lungs > 0.5).astype(np.uint8))}
+    return case.finish_case(TASK, geometry, image, mask, records, modality="CT", info=info, extras=extras)
 
 
 def _json_params(params: dict) -> dict:

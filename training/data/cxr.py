@@ -15,15 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from services.core.grid import Grid
-from training.data.case import (
-    LesionRecord,
-    PhantomCase,
-    axis_coordinates_mm,
-    centred_geometry,
-    choose_point,
-    place_lesion,
-    smooth_field,
-)
+from training.data import case
+from training.data.case import LesionRecord, PhantomCase
 from training.data.painting import paint_label
 from training.data.shapes import FAMILIES, LesionShape, Raster, random_shape
 
@@ -42,7 +35,7 @@ def cxr_anatomy(
     rng: np.random.Generator, geometry: Grid, heart_scale: float = 1.0
 ) -> tuple[np.ndarray, dict]:
     """Attenuation map (1, H, W) float32 and the masks/parameters lesions are placed with."""
-    x, y, _ = axis_coordinates_mm(geometry)
+    x, y, _ = case.axis_coordinates_mm(geometry)
     x, y = x[0], y[0]
     a, b = rng.uniform(150, 175), rng.uniform(170, 200)
     yc = rng.uniform(-10, 10)
@@ -74,7 +67,7 @@ def cxr_anatomy(
     for sign in (-1.0, 1.0):  # clavicles
         cy = lung_cy - lung_ay + 10.0 + 0.25 * (sign * x - 0.0)
         att += 0.45 * np.clip(1.0 - np.abs(y - cy) / 6.0, 0.0, 1.0) * (sign * x > 10) * (sign * x < 0.75 * a)
-    att += 0.04 * smooth_field(rng, (1, *att.shape), (1, 12, 12))[0]
+    att += 0.04 * case.smooth_field(rng, (1, *att.shape), (1, 12, 12))[0]
     params = {
         "lungs": lungs > 0.15,
         "heart": heart,
@@ -96,11 +89,23 @@ def _full_raster(fraction: np.ndarray, shaded: np.ndarray) -> Raster:
     return Raster(full, fraction.astype(np.float32), fraction.astype(np.float32), shaded.astype(np.float32))
 
 
-def _add_shape(
-    rng, att, mask, geometry, shape: LesionShape, lesion_id: int, amplitude: float, margin: float
+def add_opacity(
+    rng: np.random.Generator,
+    att: np.ndarray,
+    mask: np.ndarray,
+    geometry: Grid,
+    shape: LesionShape,
+    lesion_id: int,
+    amplitude: float,
+    margin: float,
 ) -> bool:
+    """Add a planar lesion's attenuation (a chord profile: thickest at its centre) and label it.
+
+    Adding, not replacing, is what a projection does: the lesion sums with the ribs or heart behind
+    it. Shared with the hybrid mode, which adds masses to a real radiograph the same way.
+    """
     profile = lambda depth: amplitude * np.sqrt(np.clip(1.0 - (1.0 - depth) ** 2, 0.0, 1.0))  # noqa: E731
-    return place_lesion(rng, shape, geometry, att, mask, lesion_id, profile, margin=margin, mode="add")
+    return case.place_lesion(rng, shape, geometry, att, mask, lesion_id, profile, margin=margin, mode="add")
 
 
 def generate(
@@ -112,7 +117,7 @@ def generate(
     """One radiograph: ``cxr-mass`` always has 1–3 masses; ``cxr-anomaly`` is normal or has one finding."""
     nx, ny, _ = size_xyz or DEFAULT_SIZE_XYZ
     spacing = float(rng.uniform(380, 430) / max(nx, ny))
-    geometry = centred_geometry((1, ny, nx), (spacing, spacing, 1.0), 0.0)
+    geometry = case.centred_geometry((1, ny, nx), (spacing, spacing, 1.0), 0.0)
     finding = None
     if task == "cxr-anomaly":
         is_abnormal = bool(rng.random() < 0.5) if abnormal is None else abnormal
@@ -122,47 +127,22 @@ def generate(
     noise_sd = float(rng.uniform(15, 40))
     mask = np.zeros(att.shape, dtype=np.uint16)
     records: list[LesionRecord] = []
-    lungs = params["lungs"][None]
     if task == "cxr-mass" or finding == "mass":
         count = int(rng.integers(1, 4)) if task == "cxr-mass" else 1
-        for _ in range(count * 25):
-            if len(records) == count:
-                break
-            centre = choose_point(rng, lungs, geometry)
-            if centre is None:
-                break
-            diameter = float(np.exp(rng.uniform(np.log(10), np.log(60))))
-            shape = random_shape(rng, str(rng.choice(FAMILIES)), diameter, centre, planar=True)
-            amplitude = rng.uniform(0.04, 0.5)
-            if _add_shape(
-                rng, att, mask, geometry, shape, len(records) + 1, amplitude, rng.uniform(0.0, 0.2)
-            ):
-                i, j, _ = geometry.world_to_nearest_index(centre)
-                where = (
-                    "over-rib"
-                    if params["ribs"][j, i] > 0.3
-                    else "over-heart"
-                    if params["heart"][j, i] > 0.05
-                    else "lung"
-                )
-                slope = 3600.0 * 0.9 * np.exp(-0.9 * float(att[0, j, i]))
-                records.append(
-                    LesionRecord(
-                        len(records) + 1, "mass", shape, float(amplitude * slope / noise_sd), {"site": where}
-                    )
-                )
+        records = _masses(rng, att, mask, geometry, params, count, noise_sd)
     elif finding == "consolidation":
+        lungs = params["lungs"][None]
         for _ in range(25):
-            centre = choose_point(rng, lungs, geometry)
+            centre = case.choose_point(rng, lungs, geometry)
             shape = random_shape(
                 rng, str(rng.choice(["irregular", "lobulated"])), rng.uniform(40, 110), centre, planar=True
             )
             amplitude = rng.uniform(0.1, 0.35)
-            if _add_shape(rng, att, mask, geometry, shape, 1, amplitude, rng.uniform(0.2, 0.4)):
+            if add_opacity(rng, att, mask, geometry, shape, 1, amplitude, rng.uniform(0.2, 0.4)):
                 records.append(LesionRecord(1, "consolidation", shape, float(amplitude * 1000 / noise_sd)))
                 break
     elif finding == "effusion":
-        x, y, _ = axis_coordinates_mm(geometry)
+        x, y, _ = case.axis_coordinates_mm(geometry)
         side = float(rng.choice([-1.0, 1.0]))
         level = params["lung_bottom_mm"] - rng.uniform(25, 70)
         meniscus = level - 0.004 * (side * x[0] - 40.0) ** 2 * (side * x[0] > 0) + 8.0
@@ -186,14 +166,44 @@ def generate(
             )
     image = _to_detector(att)
     image += rng.standard_normal(image.shape).astype(np.float32) * np.float32(noise_sd)
-    return PhantomCase(
-        task,
-        geometry.with_array(np.clip(np.rint(image), 0, 4095).astype(np.int16), modality="DX"),
-        geometry.with_array(mask),
-        records,
-        abnormal=bool(records),
-        info={"noise_sd": noise_sd, "units": "12-bit detector value (MONOCHROME2)"},
-    )
+    info = {"noise_sd": noise_sd, "units": "12-bit detector value (MONOCHROME2)"}
+    return case.finish_case(task, geometry, image, mask, records, modality="DX", info=info)
+
+
+def _masses(
+    rng: np.random.Generator,
+    att: np.ndarray,
+    mask: np.ndarray,
+    geometry: Grid,
+    params: dict,
+    count: int,
+    noise_sd: float,
+) -> list[LesionRecord]:
+    """Up to ``count`` masses 10–60 mm in the lungs, each recording what it overlies (rib, heart, lung).
+
+    The nominal contrast uses the detector's local slope: the same added attenuation shows less
+    behind the dense heart than in aerated lung.
+    """
+
+    def mass(centre: np.ndarray, lesion_id: int) -> LesionRecord | None:
+        diameter = float(np.exp(rng.uniform(np.log(10), np.log(60))))
+        shape = random_shape(rng, str(rng.choice(FAMILIES)), diameter, centre, planar=True)
+        amplitude = rng.uniform(0.04, 0.5)
+        if not add_opacity(rng, att, mask, geometry, shape, lesion_id, amplitude, rng.uniform(0.0, 0.2)):
+            return None
+        i, j, _ = geometry.world_to_nearest_index(centre)
+        where = (
+            "over-rib"
+            if params["ribs"][j, i] > 0.3
+            else "over-heart"
+            if params["heart"][j, i] > 0.05
+            else "lung"
+        )
+        slope = 3600.0 * 0.9 * np.exp(-0.9 * float(att[0, j, i]))
+        return LesionRecord(lesion_id, "mass", shape, float(amplitude * slope / noise_sd), {"site": where})
+
+    lungs = params["lungs"][None]
+    return case.place_lesions(count, 25, lambda: case.choose_point(rng, lungs, geometry), mass)
 
 
 def _dummy_shape(geometry: Grid, mask: np.ndarray) -> LesionShape:

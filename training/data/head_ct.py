@@ -9,15 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.data.case import (
-    LesionRecord,
-    PhantomCase,
-    add_noise,
-    centred_geometry,
-    choose_point,
-    log_uniform,
-    place_lesion,
-)
+from training.data import case
+from training.data.case import LesionRecord, PhantomCase
 from training.data.head import compose, head_tissues
 from training.data.shapes import constant_profile, random_shape
 
@@ -34,7 +27,7 @@ def generate(
     nx, ny, nz = size_xyz or DEFAULT_SIZE_XYZ
     spacing_xy = float(np.clip(rng.uniform(220, 250) / nx, 0.45, 1.2))
     spacing_z = float(rng.choice([2.5, 5.0], p=[0.4, 0.6]))
-    geometry = centred_geometry((nz, ny, nx), (spacing_xy, spacing_xy, spacing_z), rng.uniform(-10, 20))
+    geometry = case.centred_geometry((nz, ny, nx), (spacing_xy, spacing_xy, spacing_z), rng.uniform(-10, 20))
     tissues = head_tissues(rng, geometry)
     image = compose(tissues, CT_VALUES, air=-1000.0)
     noise_sd = float(rng.uniform(3.0, 6.0) * np.sqrt(5.0 / spacing_z))
@@ -44,15 +37,13 @@ def generate(
     if is_abnormal:
         region = (tissues["wm"] + tissues["gm"]) > 0.95
         kind = str(rng.choice(ABNORMALITIES))
-        for _ in range(30):
-            centre = choose_point(rng, region, geometry)
-            if centre is None:
-                break
+
+        def finding(centre: np.ndarray, lesion_id: int) -> LesionRecord | None:
             if kind == "haemorrhage":
                 shape = random_shape(
                     rng,
                     str(rng.choice(["ellipsoid", "lobulated", "irregular"])),
-                    log_uniform(rng, 5, 45),
+                    case.log_uniform(rng, 5, 45),
                     centre,
                 )
                 value, margin = rng.uniform(50, 90), 0.05
@@ -64,15 +55,13 @@ def generate(
                 drop = rng.uniform(5, 10)
                 value, margin = CT_VALUES["wm"] + 4.0 - drop, 0.25  # parenchyma − 5..10 HU
                 contrast = drop / noise_sd
-            if place_lesion(rng, shape, geometry, image, mask, 1, constant_profile(value), margin=margin):
-                records.append(LesionRecord(1, kind, shape, float(contrast)))
-                break
-    add_noise(rng, image, noise_sd)
-    return PhantomCase(
-        TASK,
-        geometry.with_array(np.clip(np.rint(image), -1024, 3071).astype(np.int16), modality="CT"),
-        geometry.with_array(mask),
-        records,
-        abnormal=bool(records),
-        info={"noise_sd": noise_sd, "units": "HU"},
-    )
+            if not case.place_lesion(
+                rng, shape, geometry, image, mask, lesion_id, constant_profile(value), margin=margin
+            ):
+                return None
+            return LesionRecord(lesion_id, kind, shape, float(contrast))
+
+        records = case.place_lesions(1, 30, lambda: case.choose_point(rng, region, geometry), finding)
+    case.add_noise(rng, image, noise_sd)
+    info = {"noise_sd": noise_sd, "units": "HU"}
+    return case.finish_case(TASK, geometry, image, mask, records, modality="CT", info=info)

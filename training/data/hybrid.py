@@ -15,8 +15,9 @@ from services.core.io import read_image
 from services.core.sample_data import sample_path
 from services.core.volume import Volume
 from training.data.brain_mr import insert_metastases
-from training.data.case import LesionRecord, PhantomCase, choose_point, place_lesion
+from training.data.case import CT_HU_12BIT, LesionRecord, PhantomCase, choose_point, place_lesions, to_int16
 from training.data.chest_ct import insert_nodules
+from training.data.cxr import add_opacity
 from training.data.rtdose import dose_for_targets
 from training.data.shapes import FAMILIES, random_shape
 
@@ -66,7 +67,7 @@ def generate(task: str, rng: np.random.Generator) -> PhantomCase:
         mask, records = insert_nodules(
             rng, image, real.grid, lungs.astype(np.float32), max(noise_sd, 5.0), int(rng.integers(1, 5))
         )
-        out = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
+        out = to_int16(image, CT_HU_12BIT)
         extras = {}
     elif task == "brain-mr-metastasis":
         fg = image > 0.25 * float(image.max())
@@ -77,7 +78,7 @@ def generate(task: str, rng: np.random.Generator) -> PhantomCase:
         mask, records = insert_metastases(
             rng, image, real.grid, region, wm_value, noise_sd, int(rng.integers(1, 5))
         )
-        out = np.clip(np.rint(image), 0, 32767).astype(np.int16)
+        out = to_int16(image, (0, 32767))
         extras = {
             "dose": dose_for_targets(
                 rng, real.with_array(mask), [r.lesion_id for r in records if r.extra.get("treated")]
@@ -92,36 +93,22 @@ def generate(task: str, rng: np.random.Generator) -> PhantomCase:
         noise_sd = max(_noise_sd(image, lungs), 1.0)
         span = float(np.percentile(image, 99) - np.percentile(image, 1))
         mask = np.zeros(image.shape, dtype=np.uint16)
-        records: list[LesionRecord] = []
-        count = int(rng.integers(1, 4))
-        for _ in range(count * 25):
-            if len(records) == count:
-                break
-            centre = choose_point(rng, lungs, real.grid)
-            if centre is None:
-                break
+
+        def mass(centre: np.ndarray, lesion_id: int) -> LesionRecord | None:
+            # Family before size here (the synthetic radiograph draws size first): kept as published.
+            family = str(rng.choice(FAMILIES))
             shape = random_shape(
-                rng,
-                str(rng.choice(FAMILIES)),
-                float(np.exp(rng.uniform(np.log(10), np.log(60)))),
-                centre,
-                planar=True,
+                rng, family, float(np.exp(rng.uniform(np.log(10), np.log(60)))), centre, planar=True
             )
             amplitude = rng.uniform(0.03, 0.25) * span
-            profile = lambda depth, amp=amplitude: amp * np.sqrt(np.clip(1.0 - (1.0 - depth) ** 2, 0.0, 1.0))  # noqa: E731
-            if place_lesion(
-                rng,
-                shape,
-                real.grid,
-                image,
-                mask,
-                len(records) + 1,
-                profile,
-                margin=rng.uniform(0, 0.2),
-                mode="add",
-            ):
-                records.append(LesionRecord(len(records) + 1, "mass", shape, float(amplitude / noise_sd)))
-        out = np.clip(np.rint(image), 0, 32767).astype(np.int16)
+            if not add_opacity(rng, image, mask, real.grid, shape, lesion_id, amplitude, rng.uniform(0, 0.2)):
+                return None
+            return LesionRecord(lesion_id, "mass", shape, float(amplitude / noise_sd))
+
+        records = place_lesions(
+            int(rng.integers(1, 4)), 25, lambda: choose_point(rng, lungs, real.grid), mass
+        )
+        out = to_int16(image, (0, 32767))
         extras = {}
     metadata = {k: real.metadata[k] for k in ("modality",) if k in real.metadata}
     return PhantomCase(

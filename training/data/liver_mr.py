@@ -10,19 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.data.case import (
-    LesionRecord,
-    PhantomCase,
-    add_noise,
-    axis_coordinates_mm,
-    bias_field,
-    centred_geometry,
-    choose_point,
-    log_uniform,
-    place_lesion,
-)
+from training.data import case
+from training.data.case import LesionRecord, PhantomCase
 from training.data.shapes import FAMILIES, constant_profile, core_rim_profile, random_shape
-from training.data.vessels import grow_tree, render_segments
+from training.data.vessels import TreeStyle, grow_tree, render_segments
 
 TASK = "liver-mr-lesion"
 DEFAULT_SIZE_XYZ = (256, 256, 64)
@@ -51,8 +42,8 @@ def generate(rng: np.random.Generator, size_xyz: tuple[int, int, int] | None = N
     nx, ny, nz = size_xyz or DEFAULT_SIZE_XYZ
     spacing_xy = float(np.clip(rng.uniform(340, 400) / nx, 0.7, 1.8))
     spacing_z = float(rng.choice([2.0, 3.0, 4.0, 5.0], p=[0.2, 0.3, 0.2, 0.3]))
-    geometry = centred_geometry((nz, ny, nx), (spacing_xy, spacing_xy, spacing_z), rng.uniform(-30, 30))
-    x, y, z = axis_coordinates_mm(geometry)
+    geometry = case.centred_geometry((nz, ny, nx), (spacing_xy, spacing_xy, spacing_z), rng.uniform(-30, 30))
+    x, y, z = case.axis_coordinates_mm(geometry)
     ramp = float(np.sqrt(spacing_xy * spacing_xy))
     a, b = rng.uniform(150, 175), rng.uniform(100, 125)
     body = _ellipse2d(x, y, a, b, ramp)
@@ -76,32 +67,18 @@ def generate(rng: np.random.Generator, size_xyz: tuple[int, int, int] | None = N
         return float((((p - np.asarray(liver_c)) / semi) ** 2).sum()) < 0.8
 
     segments = []
+    style = TreeStyle(max(1.0, 0.5 * spacing_xy), in_liver, max_segments=60)
     for _ in range(3):
         start = np.asarray(liver_c) + rng.uniform(-0.2, 0.2, 3) * semi
-        segments += grow_tree(
-            rng,
-            start,
-            rng.standard_normal(3),
-            rng.uniform(3.5, 6.0),
-            length_mm=45.0,
-            min_radius_mm=max(1.0, 0.5 * spacing_xy),
-            inside=in_liver,
-            max_segments=60,
-        )
+        segments += grow_tree(rng, start, rng.standard_normal(3), rng.uniform(3.5, 6.0), 45.0, style)
     veins = render_segments(segments, geometry) * liver
     image += (VALUES["vessel"] - image) * veins
     noise_sd = float(rng.uniform(15, 45))
     region = (liver > 0.99) & (veins < 0.01)
     mask = np.zeros(image.shape, dtype=np.uint16)
-    records: list[LesionRecord] = []
-    count = int(rng.integers(1, 6))
-    for _ in range(count * 20):
-        if len(records) == count:
-            break
-        centre = choose_point(rng, region, geometry)
-        if centre is None:
-            break
-        diameter = log_uniform(rng, 4.0, 40.0)
+
+    def hypointense_lesion(centre: np.ndarray, lesion_id: int) -> LesionRecord | None:
+        diameter = case.log_uniform(rng, 4.0, 40.0)
         family = str(rng.choice(FAMILIES, p=[0.2, 0.25, 0.25, 0.1, 0.2]))
         cnr = rng.uniform(1.3, 14.0)
         value = VALUES["liver"] - cnr * noise_sd
@@ -112,21 +89,18 @@ def generate(rng: np.random.Generator, size_xyz: tuple[int, int, int] | None = N
             else constant_profile(value)
         )
         shape = random_shape(rng, family, diameter, centre)
-        lesion_id = len(records) + 1
-        if place_lesion(rng, shape, geometry, image, mask, lesion_id, profile, margin=rng.uniform(0.0, 0.15)):
-            records.append(
-                LesionRecord(lesion_id, "targetoid" if target else "hypointense", shape, float(cnr))
-            )
-    image *= bias_field(rng, image.shape, rng.uniform(0.1, 0.25))
-    add_noise(rng, image, noise_sd, rician=True)
-    return PhantomCase(
-        TASK,
-        geometry.with_array(np.clip(np.rint(image), 0, 4095).astype(np.int16), modality="MR"),
-        geometry.with_array(mask),
-        records,
-        abnormal=bool(records),
-        info={"noise_sd": noise_sd, "units": "a.u. (EOB hepatobiliary phase)"},
+        if not case.place_lesion(
+            rng, shape, geometry, image, mask, lesion_id, profile, margin=rng.uniform(0.0, 0.15)
+        ):
+            return None
+        return LesionRecord(lesion_id, "targetoid" if target else "hypointense", shape, float(cnr))
+
+    records = case.place_lesions(
+        int(rng.integers(1, 6)), 20, lambda: case.choose_point(rng, region, geometry), hypointense_lesion
     )
+    case.mr_signal(rng, image, noise_sd, (0.1, 0.25))
+    info = {"noise_sd": noise_sd, "units": "a.u. (EOB hepatobiliary phase)"}
+    return case.finish_case(TASK, geometry, image, mask, records, modality="MR", info=info)
 
 
 def _ellipse2d(x, y, a, b, ramp):

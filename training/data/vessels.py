@@ -32,24 +32,34 @@ def _perturb(rng: np.random.Generator, direction: np.ndarray, angle_sd: float) -
     return v / np.linalg.norm(v)
 
 
+@dataclass(frozen=True)
+class TreeStyle:
+    """How one anatomy's vessels branch and where they may go; each trunk draws its own calibre and length.
+
+    Kept apart from the trunk so an anatomy states its style once for all its trunks (three carotid /
+    basilar roots, three hilar trunks per lung, three hepatic/portal stems).
+    """
+
+    min_radius_mm: float  # branching stops below this calibre
+    inside: Callable[[np.ndarray], bool]  # a branch ends at the first piece leaving the organ
+    tortuosity: float = 0.15  # sd of each piece's bend (radians)
+    branch_angle: float = 0.6  # children leave at ± this (radians) around the parent's direction
+    pieces_per_branch: int = 3
+    max_segments: int = 400
+
+
 def grow_tree(
     rng: np.random.Generator,
     root_mm: np.ndarray,
     direction: np.ndarray,
     radius_mm: float,
-    *,
     length_mm: float,
-    min_radius_mm: float,
-    inside: Callable[[np.ndarray], bool],
-    tortuosity: float = 0.15,
-    branch_angle: float = 0.6,
-    pieces_per_branch: int = 3,
-    max_segments: int = 400,
+    style: TreeStyle,
 ) -> list[Segment]:
-    """Grow a bifurcating tree (Murray-like calibre ratio ≈ 0.79) while it stays ``inside``.
+    """Grow a bifurcating tree (Murray-like calibre ratio ≈ 0.79) while it stays ``style.inside``.
 
-    Each branch is a few slightly bent pieces (``tortuosity`` = sd of the bend, radians); children
-    leave at ±``branch_angle`` around the parent's direction.
+    Each branch is ``style.pieces_per_branch`` slightly bent pieces; children leave at
+    ±``style.branch_angle`` around the parent's direction.
     """
     segments: list[Segment] = []
     stack = [
@@ -61,23 +71,23 @@ def grow_tree(
             0,
         )
     ]
-    while stack and len(segments) < max_segments:
+    while stack and len(segments) < style.max_segments:
         start, heading, radius, length, generation = stack.pop()
         point = start
-        for piece in range(pieces_per_branch):
-            heading = _perturb(rng, heading, tortuosity)
-            end = point + heading * (length / pieces_per_branch)
-            if not inside(end):
+        for piece in range(style.pieces_per_branch):
+            heading = _perturb(rng, heading, style.tortuosity)
+            end = point + heading * (length / style.pieces_per_branch)
+            if not style.inside(end):
                 break
             segments.append(Segment(point, end, radius, generation, piece == 0 and generation > 0))
             point = end
         else:
             child_radius = radius * 0.79
-            if child_radius >= min_radius_mm:
+            if child_radius >= style.min_radius_mm:
                 normal = np.cross(heading, rng.standard_normal(3))
                 normal /= max(np.linalg.norm(normal), 1e-9)
                 for sign in (1.0, -1.0):
-                    angle = branch_angle * rng.uniform(0.7, 1.3)
+                    angle = style.branch_angle * rng.uniform(0.7, 1.3)
                     child = np.cos(angle) * heading + sign * np.sin(angle) * normal
                     stack.append((point, child, child_radius, length * rng.uniform(0.7, 0.9), generation + 1))
     return segments

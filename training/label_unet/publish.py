@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from services.inference.export import register_onnx_model
@@ -22,12 +23,25 @@ from services.label_estimation.voi import VOI_SIZE
 ALL_TYPES = "all-types"
 
 
-def card_metrics(summary: dict, training: dict) -> dict[str, float]:
+def loto_dice_metrics(dice: Mapping[str, Mapping[str, float]], *, with_counts: bool) -> dict[str, float]:
+    """Model-card entries for the leave-one-type-out Dice of a summary.json, in ``dice``'s order.
+
+    The names (``loto_dice_mean/<key>``, ``loto_dice_sd/<key>``, ``loto_n/<key>``) are those of the
+    shipped card (model_repository/label_unet3d); one definition keeps its two writers from drifting
+    apart. ``wlcad train label-unet --metrics`` has never recorded the counts; this module's cards do.
+    """
     metrics: dict[str, float] = {}
-    for key, value in sorted(summary["dice"].items()):
+    for key, value in dice.items():
         metrics[f"loto_dice_mean/{key}"] = round(value["mean"], 4)
         metrics[f"loto_dice_sd/{key}"] = round(value["sd"], 4)
-        metrics[f"loto_n/{key}"] = value["n"]
+        if with_counts:
+            metrics[f"loto_n/{key}"] = value["n"]
+    return metrics
+
+
+def card_metrics(summary: dict, training: dict) -> dict[str, float]:
+    """The card's metrics: per-type Dice (sorted by type) with counts, then the all-types model's training."""
+    metrics = loto_dice_metrics(dict(sorted(summary["dice"].items())), with_counts=True)
     model = training["models"][ALL_TYPES]
     metrics["training_final_loss"] = model["final_loss"]
     metrics["training_seconds"] = model["seconds"]

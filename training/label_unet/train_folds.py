@@ -71,6 +71,20 @@ def train_all(
     return record
 
 
+def settings_from_args(args: argparse.Namespace) -> TrainingSettings:
+    """The training settings of a parsed command line (``--steps``, ``--batch-size``, ``--learning-rate``,
+    ``--seed``, ``--device``, ``--workers``): one mapping for this script and ``wlcad train``/``experiment``,
+    so an option means the same wherever a model is trained. Checking the values is the caller's job."""
+    return TrainingSettings(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        device=args.device,
+        workers=args.workers,
+    )
+
+
 def _device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -91,15 +105,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--only", action="append", help="train only these models (fold names or all-types)")
     args = parser.parse_args()
-    settings = TrainingSettings(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        device=args.device,
-        workers=args.workers,
-    )
-    train_all(load_sets(args.vois), settings, args.out, args.only)
+    train_all(load_sets(args.vois), settings_from_args(args), args.out, args.only)
 
 
 if __name__ == "__main__":
