@@ -47,7 +47,9 @@ def test_training_command_produces_a_servable_model(tmp_path: Path) -> None:
             image, [lesion.prompt], "unet"
         )[0]
     assert estimate.model_version == f"{MODEL_NAME}/1"
-    assert "mean_probability_inside" in estimate.qc
+    assert (
+        estimate.qc.mean_probability_inside is not None and 0.0 <= estimate.qc.mean_probability_inside <= 1.0
+    )
     assert estimate.mask.image is image
 
 

@@ -163,9 +163,3 @@ def weak_labels_from_mask(mask: Volume) -> list[WeakLabel]:
         region = labels[box] == lesion_id
         out.append(measure_lesion(region, tuple(s.start for s in box), mask, lesion_id))
     return out
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean arrays (1.0 when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total

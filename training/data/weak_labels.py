@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.core.lesion_measurements import WeakLabel, dice, measure_lesion, weak_labels_from_mask
+from services.core.lesion_measurements import WeakLabel, measure_lesion, weak_labels_from_mask
 from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
+from services.evaluation import dice
 from services.label_estimation.shapes import sphere_mask
 
-__all__ = ["WeakLabel", "dice", "measure_lesion", "sphere_dice", "weak_labels_from_mask"]
+__all__ = ["WeakLabel", "measure_lesion", "sphere_dice", "weak_labels_from_mask"]
 
 
 def sphere_dice(mask: Volume, lesion_id: int, label: WeakLabel) -> float:
