@@ -10,6 +10,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -21,6 +22,7 @@ from services.api.status import PreconditionError
 from services.api.upload import upload_shape
 from services.core.errors import InputError
 from services.core.lesion_measurements import measure_mask
+from services.core.lesion_prompt import LesionPrompt
 from services.core.version import software_version
 from services.core.volume import Volume
 from services.label_estimation.dose import Isodose, dose_labels, read_rtdose
@@ -31,6 +33,16 @@ from services.servers.observability import INFERENCE
 from services.servers.scaffold import CapabilityServicer, MethodStatus, ServiceSettings
 
 UPLOAD = upload_shape(pb.EstimateUploadMessage.DESCRIPTOR)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """An Estimate request checked before its image: the method, its estimator and the prompts."""
+
+    request: pb.EstimateRequest
+    method: Method
+    estimator: LabelEstimator
+    prompts: list[LesionPrompt]
 
 
 class LabelEstimationServicer(CapabilityServicer):
@@ -45,10 +57,10 @@ class LabelEstimationServicer(CapabilityServicer):
 
     # -- the RPCs ---------------------------------------------------------------------------------
     def Estimate(self, request: pb.EstimateRequest, context: grpc.ServicerContext) -> pb.EstimateResponse:  # noqa: N802 - gRPC names
-        return self.handle("Estimate", context, lambda: self._estimate(request, None))
+        return self.handle("Estimate", context, lambda: self._estimate(self._prepare(request), None))
 
     def EstimateUpload(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> pb.EstimateResponse:  # noqa: N802 - gRPC names
-        return self.handle_upload("EstimateUpload", context, messages, UPLOAD, self._check, self._estimate)
+        return self.handle_upload("EstimateUpload", context, messages, UPLOAD, self._prepare, self._estimate)
 
     def EstimateDose(self, request: pb.DoseRequest, context: grpc.ServicerContext) -> pb.DoseResponse:  # noqa: N802 - gRPC names
         return self.handle("EstimateDose", context, lambda: self._dose(request))
@@ -65,10 +77,11 @@ class LabelEstimationServicer(CapabilityServicer):
             self._models.clear()
 
     # -- implementations --------------------------------------------------------------------------
-    def _check(self, request: pb.EstimateRequest) -> None:
-        """Everything about a request that is known before its image: refused before any voxel arrives."""
-        self._estimator(method_named(request.method))
-        prompts_from_proto(request.lesions)
+    def _prepare(self, request: pb.EstimateRequest) -> _Prepared:
+        """Everything about a request that is known before its image, checked once (an upload is
+        refused before any voxel arrives)."""
+        method = method_named(request.method)
+        return _Prepared(request, method, self._estimator(method), prompts_from_proto(request.lesions))
 
     def _estimator(self, method: Method) -> LabelEstimator:
         if method.model is None:
@@ -83,16 +96,13 @@ class LabelEstimationServicer(CapabilityServicer):
                 self._models[method.model] = UnetModel(self.settings.inference_setting, self.repository)
             return LabelEstimator.with_model(self._models[method.model])
 
-    def _estimate(self, request: pb.EstimateRequest, image: Volume | None) -> pb.EstimateResponse:
-        method = method_named(request.method)
-        estimator = self._estimator(method)
-        prompts = prompts_from_proto(request.lesions)
+    def _estimate(self, prepared: _Prepared, image: Volume | None) -> pb.EstimateResponse:
         if image is None:
-            image = self.image(request.image)
+            image = self.image(prepared.request.image)
         started = time.perf_counter()
-        estimates = estimator.estimate(image, prompts, method)
+        estimates = prepared.estimator.estimate(image, prepared.prompts, prepared.method)
         version = next((e.model_version for e in estimates if e.model_version), None) or software_version()
-        INFERENCE.labels(method.name, version).observe(time.perf_counter() - started)
+        INFERENCE.labels(prepared.method.name, version).observe(time.perf_counter() - started)
         return pb.EstimateResponse(
             lesions=[estimate_to_proto(e) for e in estimates],
             software_version=software_version(),

@@ -39,6 +39,7 @@ from services.servers.observability import IN_FLIGHT, QUEUE_DEPTH, observe
 log = logging.getLogger("wlcad.serving")
 T = TypeVar("T")
 R = TypeVar("R", bound=Message)
+P = TypeVar("P")
 
 
 @dataclass(frozen=True)
@@ -157,17 +158,18 @@ class CapabilityServicer:
         context: grpc.ServicerContext,
         messages: Iterator[bytes],
         shape: UploadShape,
-        check: Callable[[R], None],
-        compute: Callable[[R, Volume], T],
+        prepare: Callable[[R], P],
+        compute: Callable[[P, Volume], T],
     ) -> T:
-        """An upload RPC: the first message's request is decoded and ``check``-ed before any voxel
-        arrives (an unknown method costs the caller nothing), the chunks are received outside a compute
-        slot (a slow network does not block computing), then ``compute(request, image)`` runs in one."""
+        """An upload RPC: the first message's request is decoded and ``prepare``-d (validated into what
+        ``compute`` needs) before any voxel arrives, so an unknown method costs the caller nothing; the
+        chunks are received outside a compute slot (a slow network does not block computing), then
+        ``compute(prepared, image)`` runs in one."""
 
         def work() -> T:
-            request, image = self.receive_upload(messages, shape, check)
+            prepared, image = self.receive_upload(messages, shape, prepare)
             with self.slot(context):
-                return compute(request, image)
+                return compute(prepared, image)
 
         return self.handle(method, context, work, use_slot=False)
 
@@ -175,9 +177,9 @@ class CapabilityServicer:
         return _Slot(self, context)
 
     def receive_upload(
-        self, messages: Iterator[bytes], shape: UploadShape, check: Callable[[R], None]
-    ) -> tuple[R, Volume]:
-        """The request and the Volume of one upload stream (bytes of the upload shape's messages)."""
+        self, messages: Iterator[bytes], shape: UploadShape, prepare: Callable[[R], P]
+    ) -> tuple[P, Volume]:
+        """``prepare(request)`` and the Volume of one upload stream (bytes of the upload shape's messages)."""
         data = next(messages, None)
         first = None if data is None else parse_request(shape.message_class, data)
         if (
@@ -186,7 +188,7 @@ class CapabilityServicer:
         ):
             raise InputError("the first message of an upload must carry the request", field="request")
         request = getattr(first, shape.request_field.name)
-        check(request)
+        prepared = prepare(request)
         image_name = shape.image_field.name
         source = getattr(request, image_name)
         kind = source.WhichOneof("source")
@@ -211,8 +213,8 @@ class CapabilityServicer:
                 raise InputError(
                     f"the stream ended after {received} of {len(buffer)} bytes", field="chunk.data"
                 )
-            return request, volume_from_proto(source.volume, data=buffer, field=f"{field}.volume")
-        return request, volume_from_file(source.file.filename, buffer, f"{field}.file")
+            return prepared, volume_from_proto(source.volume, data=buffer, field=f"{field}.volume")
+        return prepared, volume_from_file(source.file.filename, buffer, f"{field}.file")
 
 
 class _Slot:
