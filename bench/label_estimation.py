@@ -44,7 +44,7 @@ def lesion_prompts(image: Volume, count: int, seed: int = 1) -> list[LesionPromp
 
 def per_lesion_latency(image: Volume, prompts: list[LesionPrompt]) -> np.ndarray:
     with UnetModel(setting="embedded") as model:
-        estimator = LabelEstimator(model.infer, model.version, model.max_batch)
+        estimator = LabelEstimator(model)
         estimator.estimate(image, prompts[:2], "unet")  # warm-up: session creation, first allocations
         timings = []
         for prompt in prompts:

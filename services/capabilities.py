@@ -20,6 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+
 PLUGINS_ENV = "WLCAD_CAPABILITY_PLUGINS"
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
 
@@ -68,6 +71,15 @@ class Capability:
     @property
     def default_metrics_address(self) -> str:
         return f"127.0.0.1:{self.metrics_port}"
+
+    @property
+    def descriptor(self) -> ServiceDescriptor:
+        """The proto service (its module must be imported first; the gateway imports ``services.api.pb``
+        and plugin modules import their own)."""
+        return descriptor_pool.Default().FindServiceByName(self.service)
+
+    def method(self, rpc: str) -> MethodDescriptor:
+        return self.descriptor.methods_by_name[rpc]
 
     def servicer_factory(self) -> Callable[..., Any]:
         module, _, attribute = self.servicer.partition(":")

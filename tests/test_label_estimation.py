@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import highdicom as hd
 import numpy as np
@@ -104,7 +105,7 @@ def test_unet_refuses_single_slice_images() -> None:
     """A radiograph is a one-slice volume; the 3D segmenter would score ~0.03 Dice on it (measured)."""
     xray = Volume(np.zeros((1, 200, 200), np.uint16), (0.2, 0.2, 1.0))
     with pytest.raises(InputError, match="one slice") as caught:
-        LabelEstimator(infer=lambda batch: batch).estimate(
+        LabelEstimator(SimpleNamespace(infer=lambda batch: batch, version="", max_batch=1)).estimate(
             xray, [LesionPrompt((20.0, 20.0, 0.0), 10.0)], "unet"
         )
     assert caught.value.field == "method"

@@ -32,7 +32,7 @@ SEED = 6000  # never used for training (0–2) or for the protocol's test sets (
 @pytest.fixture(scope="module")
 def estimator():
     with UnetModel(setting="embedded") as model:
-        yield LabelEstimator(model.infer, model.version, model.max_batch)
+        yield LabelEstimator(model)
 
 
 @pytest.fixture(scope="module")

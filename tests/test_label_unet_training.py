@@ -43,9 +43,7 @@ def test_training_command_produces_a_servable_model(tmp_path: Path) -> None:
 
     image = read_image(lesion.image)
     with UnetModel(setting="embedded", repository=repository) as model:
-        estimate = LabelEstimator(model.infer, model.version, model.max_batch).estimate(
-            image, [lesion.prompt], "unet"
-        )[0]
+        estimate = LabelEstimator(model).estimate(image, [lesion.prompt], "unet")[0]
     assert estimate.model_version == f"{MODEL_NAME}/1"
     assert (
         estimate.qc.mean_probability_inside is not None and 0.0 <= estimate.qc.mean_probability_inside <= 1.0

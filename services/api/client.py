@@ -23,8 +23,7 @@ from services.api.pb import label_estimation_pb2_grpc as pb_grpc
 from services.api.upload import upload_shape
 from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
-from services.label_estimation.pipeline import LesionEstimate
-from services.label_estimation.wire import estimates_from_proto, prompts_to_proto
+from services.label_estimation.wire import prompts_to_proto
 
 UNARY_LIMIT_BYTES = 16 * 1024 * 1024
 UPLOAD_METHOD = "/wlcad.v1.LabelEstimation/EstimateUpload"
@@ -130,10 +129,3 @@ class LabelEstimationClient:
             image=image_pb2.ImageSource(volume=volume_to_proto(volume)), rtdose_dicom=rtdose, isodose=isodose
         )
         return self._stub.EstimateDose(request, timeout=timeout, metadata=self._metadata)
-
-
-def estimates_from_response(
-    image: Volume, prompts: Sequence[LesionPrompt], response: pb.EstimateResponse
-) -> list[LesionEstimate]:
-    """The pipeline's own typed results (every field the proto carries) on the client's image grid."""
-    return estimates_from_proto(image, prompts, response)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
@@ -34,20 +34,17 @@ class UploadShape:
     #: The request's ``ImageSource`` field: the uploaded bytes are its volume's data or file's content.
     image_field: FieldDescriptor
 
-    @property
+    @cached_property
     def message_class(self) -> type[Message]:
         return message_factory.GetMessageClass(self.message)
 
-    @property
+    @cached_property
     def request_class(self) -> type[Message]:
         return message_factory.GetMessageClass(self.request_field.message_type)
 
-    @property
-    def chunk_class(self) -> type[Message]:
-        return message_factory.GetMessageClass(self.chunk_field.message_type)
-
-    @property
+    @cached_property
     def _tags(self) -> tuple[int, int]:
+        """(chunk field tag, ``ImageChunk.data`` tag), worked out once: every chunk uses them."""
         data_field = self.chunk_field.message_type.fields_by_name["data"]
         return chunks.field_tag(self.chunk_field.number), chunks.field_tag(data_field.number)
 

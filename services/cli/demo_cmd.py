@@ -422,8 +422,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_phantoms(client, args, methods: list[str], out: Path):
-    from services.api.client import estimates_from_response
     from services.core.io import read_image
+    from services.label_estimation.wire import estimates_from_proto
 
     dice: dict[tuple[str, str], list[float]] = defaultdict(list)
     qc_passed: dict[str, list[bool]] = defaultdict(list)
@@ -444,7 +444,7 @@ def _run_phantoms(client, args, methods: list[str], out: Path):
             if not _applicable(method, image):
                 continue
             response = client.estimate_volume(image, prompts, method)
-            estimates = estimates_from_response(image, prompts, response)
+            estimates = estimates_from_proto(image, prompts, response)
             captions = {}
             for estimate in estimates:
                 score = dice(estimate.mask.full(), truth == estimate.lesion_id)
@@ -531,7 +531,7 @@ def _transport_check(client, args, token, case: RealCase, methods: list[str]) ->
 
 def _real_case(client, args, token, case: RealCase, methods: list[str], out: Path) -> dict:
     """Send one real sample as its plan says; outline only known lesions; return its summary entry."""
-    from services.api.client import estimates_from_response
+    from services.label_estimation.wire import estimates_from_proto
 
     folder = out / case.name
     for stale in [
@@ -580,7 +580,7 @@ def _real_case(client, args, token, case: RealCase, methods: list[str], out: Pat
             print(f"    {method}: skipped (a 3D segmenter; this image has one slice)")
             continue
         response = _send(client, args, token, case, case.prompts, method)
-        estimates = estimates_from_response(case.image, case.prompts, response)
+        estimates = estimates_from_proto(case.image, case.prompts, response)
         _write_outputs(case.image, estimates, folder / method, dicom_source)
         captions, parts = {}, []
         for estimate in estimates:

@@ -55,7 +55,7 @@ def _estimator(method: str) -> tuple[LabelEstimator, object | None]:
     from services.label_estimation.model import UnetModel
 
     model = UnetModel()
-    return LabelEstimator(model.infer, model.version, model.max_batch), model
+    return LabelEstimator(model), model
 
 
 def run(args: argparse.Namespace) -> int:

@@ -90,16 +90,10 @@ def quality_check(
 
 
 class LabelEstimator:
-    """Runs one method over the prompts of one image. ``infer`` is needed only by model methods."""
+    """Runs one method over the prompts of one image. ``model`` is needed only by model methods."""
 
-    def __init__(self, infer=None, model_version: str | None = None, max_batch: int = 8) -> None:
-        self._model = None if infer is None else _BoundModel(infer, model_version or "", max_batch)
-
-    @classmethod
-    def with_model(cls, model: SegmentationModel | None) -> LabelEstimator:
-        estimator = cls()
-        estimator._model = model
-        return estimator
+    def __init__(self, model: SegmentationModel | None = None) -> None:
+        self._model = model
 
     def estimate(
         self, image: Volume, prompts: Sequence[LesionPrompt], method: Method | str
@@ -128,15 +122,6 @@ class LabelEstimator:
                 )
             )
         return estimates
-
-
-@dataclass(frozen=True)
-class _BoundModel:
-    """A bare ``infer`` function with its version, for callers that hold no model object."""
-
-    infer: object
-    version: str
-    max_batch: int
 
 
 def label_map(image: Volume, estimates: Sequence[LesionEstimate]) -> np.ndarray:

@@ -94,7 +94,7 @@ class LabelEstimationServicer(CapabilityServicer):
                 from services.label_estimation.model import UnetModel
 
                 self._models[method.model] = UnetModel(self.settings.inference_setting, self.repository)
-            return LabelEstimator.with_model(self._models[method.model])
+            return LabelEstimator(self._models[method.model])
 
     def _estimate(self, prepared: _Prepared, image: Volume | None) -> pb.EstimateResponse:
         if image is None:

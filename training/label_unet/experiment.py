@@ -93,7 +93,7 @@ def evaluate_onnx(
             git_commit="evaluation",
         )
         with UnetModel(setting="embedded", repository=repository) as model:
-            estimator = LabelEstimator(model.infer, model.version, model.max_batch)
+            estimator = LabelEstimator(model)
             lesions = [lesion for lesion in read_lesions(manifest) if lesion.prompt is not None]
             rows = evaluate(lesions, methods, estimator, overlays)
     for row in rows:
