@@ -24,6 +24,7 @@ from services.gateway.core import Gateway, Limits
 from services.gateway.grpc_proxy import AuthInterceptor, generic_handlers
 from services.gateway.http_app import build_app
 from services.servers.grpc_server import grpc_options, split_address
+from services.servers.memory import limit_malloc_arenas
 
 log = logging.getLogger("wlcad.gateway")
 
@@ -141,4 +142,5 @@ async def serve(config: GatewayConfig) -> int:
 
 
 def run(config: GatewayConfig) -> int:
+    limit_malloc_arenas()  # before any thread starts: freed stream buffers are reused, not kept per arena
     return asyncio.run(serve(config))
