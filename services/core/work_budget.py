@@ -49,9 +49,7 @@ class WorkBudget:
     is_active: Callable[[], bool] = field(default=lambda: True)
 
     @classmethod
-    def from_timeout(
-        cls, timeout_s: float | None, is_active: Callable[[], bool] | None = None
-    ) -> WorkBudget:
+    def from_timeout(cls, timeout_s: float | None, is_active: Callable[[], bool] | None = None) -> WorkBudget:
         deadline = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
         return cls(deadline, is_active or (lambda: True))
 
@@ -69,7 +67,9 @@ class WorkBudget:
             raise DeadlineExceededError(stage)
 
 
-_CURRENT: contextvars.ContextVar[WorkBudget | None] = contextvars.ContextVar("wlcad_work_budget", default=None)
+_CURRENT: contextvars.ContextVar[WorkBudget | None] = contextvars.ContextVar(
+    "wlcad_work_budget", default=None
+)
 
 
 def current() -> WorkBudget | None:
