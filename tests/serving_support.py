@@ -199,3 +199,28 @@ def estimate_request(volume: Volume, method: str = "sphere", diameter: float = 1
     return pb.EstimateRequest(
         image=image_pb2.ImageSource(volume=volume_to_proto(volume)), lesions=prompts, method=method
     )
+
+
+def until(attempt, what: str, budget_s: float = 60.0):
+    """``attempt()`` again until it returns something other than None. Only for something already due
+    (a slot being freed, a call being admitted): the budget is generous, so only a hang runs it out."""
+    deadline = time.monotonic() + budget_s
+    while (result := attempt()) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {budget_s:g} s")
+        time.sleep(0.05)
+    return result
+
+
+def metric_value(metrics_url: str, name: str, **labels: str) -> float:
+    """One sample of a process's Prometheus /metrics by name and labels (0 when absent)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
