@@ -12,6 +12,7 @@ import uuid
 import grpc
 
 from services.core.errors import InputError
+from services.core.work_budget import DeadlineExceededError, RequestCancelledError
 from services.inference.errors import InferenceError, InferenceUnavailableError
 
 
@@ -33,8 +34,12 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
             else grpc.StatusCode.UNAVAILABLE
         )
         return code, "the inference backend is unavailable; retry later", None
+    if isinstance(exc, RequestCancelledError):
+        return grpc.StatusCode.CANCELLED, str(exc), None
+    if isinstance(exc, DeadlineExceededError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), None
     if isinstance(exc, TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before a worker was free", None
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed", None
     if isinstance(exc, ConnectionError):
         return grpc.StatusCode.UNAVAILABLE, f"a dependency is unavailable: {exc}", None
     if isinstance(exc, InferenceError):

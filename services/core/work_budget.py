@@ -61,10 +61,11 @@ class WorkBudget:
 
     def check(self, stage: str) -> None:
         """Raise when the caller left or the deadline passed; ``stage`` says what was being done."""
-        if not self.is_active():
-            raise RequestCancelledError(stage)
+        # The deadline first: gRPC also marks a call inactive when its deadline passes.
         if self.deadline_monotonic is not None and time.monotonic() >= self.deadline_monotonic:
             raise DeadlineExceededError(stage)
+        if not self.is_active():
+            raise RequestCancelledError(stage)
 
 
 _CURRENT: contextvars.ContextVar[WorkBudget | None] = contextvars.ContextVar(

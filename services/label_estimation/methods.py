@@ -14,6 +14,7 @@ from services.core.errors import InputError
 from services.core.lesion_mask import LesionMask
 from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
+from services.core.work_budget import checkpoint
 from services.label_estimation.random_walker import random_walker_mask
 from services.label_estimation.shapes import prompt_ellipsoid_mask, sphere_mask
 from services.label_estimation.threshold import threshold_mask
@@ -59,7 +60,11 @@ def _each(function: Callable[[Volume, LesionPrompt], LesionMask]) -> MaskFunctio
     def run(
         image: Volume, prompts: Sequence[LesionPrompt], model: SegmentationModel | None
     ) -> list[MethodMask]:
-        return [MethodMask(function(image, prompt)) for prompt in prompts]
+        masks = []
+        for number, prompt in enumerate(prompts, start=1):
+            checkpoint(f"lesion {number} of {len(prompts)}")  # an abandoned request stops here
+            masks.append(MethodMask(function(image, prompt)))
+        return masks
 
     return run
 

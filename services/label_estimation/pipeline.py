@@ -18,6 +18,7 @@ from services.core.lesion_measurements import Measurements, measure_mask
 from services.core.lesion_prompt import LesionPrompt, validated_prompt
 from services.core.version import software_version
 from services.core.volume import Volume
+from services.core.work_budget import checkpoint
 from services.label_estimation.methods import METHODS, Method, SegmentationModel, method_named
 
 __all__ = ["METHODS", "LabelEstimator", "LesionEstimate", "QualityCheck", "label_map"]
@@ -113,6 +114,7 @@ class LabelEstimator:
         model_version = (self._model.version or method.model) if method.model and self._model else None
         estimates = []
         for prompt, result in zip(prompts, masks, strict=True):
+            checkpoint("measuring the lesions")
             tight = result.mask.tight()
             measurements = measure_mask(tight.mask_zyx, tuple(tight.start_xyz[::-1]), image)
             qc = quality_check(prompt, measurements, result.mean_probability_inside)

@@ -16,6 +16,7 @@ from services.core.components import component_at
 from services.core.lesion_mask import LesionMask
 from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
+from services.core.work_budget import checkpoint
 from services.label_estimation.voi import Voi, extract_voi, probability_to_image
 
 MODEL_NAME = "label_unet3d"
@@ -54,6 +55,7 @@ def unet_masks(
     vois = [extract_voi(image, prompt) for prompt in prompts]
     results: list[UnetResult] = []
     for first in range(0, len(vois), max_batch):
+        checkpoint(f"U-Net batch {first // max_batch + 1}")
         chunk = vois[first : first + max_batch]
         batch = np.stack([voi.image[None] for voi in chunk]).astype(np.float32)
         probabilities = sigmoid(np.asarray(infer(batch)))

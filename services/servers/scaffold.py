@@ -31,6 +31,13 @@ from services.api.upload import UploadShape
 from services.core.errors import InputError
 from services.core.version import software_version
 from services.core.volume import Volume
+from services.core.work_budget import (
+    DeadlineExceededError,
+    RequestCancelledError,
+    WorkBudget,
+    checkpoint,
+    scope,
+)
 from services.inference.factory import default_repository
 from services.inference.repository import ModelRepository
 from services.servers.grpc_server import parse_request
@@ -50,10 +57,15 @@ class ServiceSettings:
     compute_slots: int = 2
     inference_setting: str | None = None  # None/"embedded" or triton://host:port
     model_repository: Path | None = None
+    #: The longest any request may take, receiving included: the deadline of a caller that gave none
+    #: (or a longer one), so no request can hold a thread or a compute slot without bound.
+    max_request_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.compute_slots < 1:
             raise InputError(f"must be >= 1, got {self.compute_slots}", field="compute_slots")
+        if not 0 < self.max_request_s <= 24 * 3600:
+            raise InputError(f"must be in (0, 86400] s, got {self.max_request_s}", field="max_request_s")
 
 
 @dataclass(frozen=True)
@@ -66,8 +78,16 @@ class MethodStatus:
     model_version: str = ""
 
 
-class DeadlineWhileQueuedError(TimeoutError):
+class DeadlineWhileQueuedError(DeadlineExceededError):
     """The caller's deadline passed while its request waited for a compute slot."""
+
+    def __init__(self) -> None:
+        super().__init__("the wait for a compute slot")
+
+
+#: How often a request waiting for a compute slot looks whether its caller is still there: the
+#: bound on how long a cancelled request keeps its place in the queue.
+_SLOT_POLL_S = 0.05
 
 
 class CapabilityServicer:
@@ -128,29 +148,74 @@ class CapabilityServicer:
     def handle(
         self, method: str, context: grpc.ServicerContext, work: Callable[[], T], use_slot: bool = True
     ) -> T:
-        """Run ``work`` (in a compute slot unless ``use_slot`` is false) with metrics, one log line and
-        every failure mapped to a gRPC status; never returns on failure (``context.abort`` raises)."""
+        """Run ``work`` (in a compute slot unless ``use_slot`` is false) under the request's budget,
+        with metrics, one log line and every failure mapped to a gRPC status; never returns on
+        failure (``context.abort`` raises).
+
+        The budget is the caller's deadline capped by ``max_request_s`` (which is also the deadline
+        of a caller that gave none) and the caller's presence: the stages below stop at their next
+        :func:`~services.core.work_budget.checkpoint` once either ends, so an abandoned request
+        frees its slot instead of computing an answer nobody reads. A request past the service's own
+        limit is cancelled by a timer, which also ends a read blocked on a stalled stream."""
         started = time.perf_counter()
         IN_FLIGHT.labels(self.component).inc()
         code, message = grpc.StatusCode.OK, ""
+        budget, watchdog = self._budget(context)
         try:
-            if use_slot:
-                with self.slot(context):
-                    return work()
-            return work()
+            with scope(budget):
+                if use_slot:
+                    with self.slot():
+                        return work()
+                return work()
         except Exception as exc:
-            code, message, incident = grpc_status(exc)
-            if incident:
-                log.error(
-                    "%s %s failed: %s (incident %s)", self.component, method, type(exc).__name__, incident
-                )
-            elif isinstance(exc, InputError):
-                log.info("%s %s refused: invalid field %s", self.component, method, exc.field)
+            code, message = self._failure(method, context, budget, exc)
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             IN_FLIGHT.labels(self.component).dec()
             observe(self.component, method, code.name, started)
         context.abort(code, message)
         raise AssertionError("unreachable")  # context.abort raises
+
+    def _budget(self, context: grpc.ServicerContext) -> tuple[WorkBudget, threading.Timer | None]:
+        """The request's budget, and the timer cancelling it at the service's limit when the caller's
+        own deadline is later (gRPC cancels a call at the caller's deadline by itself)."""
+        limit = self.settings.max_request_s
+        caller = context.time_remaining()
+        budget = WorkBudget.from_timeout(
+            min(limit, caller) if caller is not None else limit, context.is_active
+        )
+        if caller is not None and caller <= limit:
+            return budget, None
+        watchdog = threading.Timer(limit, context.cancel)
+        watchdog.daemon = True
+        watchdog.start()
+        return budget, watchdog
+
+    def _failure(
+        self, method: str, context: grpc.ServicerContext, budget: WorkBudget, exc: Exception
+    ) -> tuple[grpc.StatusCode, str]:
+        """The status for a failed request, and its log line. A request whose caller left or whose
+        deadline passed ends as CANCELLED / DEADLINE_EXCEEDED whatever the stage raised (a stream
+        read raises a bare RpcError then): an abandoned call is not a service failure, so it is
+        logged at info and never feeds the error-ratio alert."""
+        if not isinstance(exc, RequestCancelledError | DeadlineExceededError):
+            try:
+                budget.check("the request")
+            except (RequestCancelledError, DeadlineExceededError) as ended:
+                exc = ended
+        if isinstance(exc, RequestCancelledError):
+            log.info("%s %s cancelled by the caller during %s", self.component, method, exc.stage)
+            return grpc.StatusCode.CANCELLED, str(exc)
+        if isinstance(exc, DeadlineExceededError):
+            log.info("%s %s stopped: the deadline passed during %s", self.component, method, exc.stage)
+            return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+        code, message, incident = grpc_status(exc)
+        if incident:
+            log.error("%s %s failed: %s (incident %s)", self.component, method, type(exc).__name__, incident)
+        elif isinstance(exc, InputError):
+            log.info("%s %s refused: invalid field %s", self.component, method, exc.field)
+        return code, message
 
     def handle_upload(
         self,
@@ -168,13 +233,14 @@ class CapabilityServicer:
 
         def work() -> T:
             prepared, image = self.receive_upload(messages, shape, prepare)
-            with self.slot(context):
+            with self.slot():
                 return compute(prepared, image)
 
         return self.handle(method, context, work, use_slot=False)
 
-    def slot(self, context: grpc.ServicerContext | None) -> _Slot:
-        return _Slot(self, context)
+    def slot(self) -> _Slot:
+        """A compute slot, waited for while the current request's budget lasts."""
+        return _Slot(self)
 
     def receive_upload(
         self, messages: Iterator[bytes], shape: UploadShape, prepare: Callable[[R], P]
@@ -218,18 +284,20 @@ class CapabilityServicer:
 
 
 class _Slot:
-    """One compute slot, waited for no longer than the caller's deadline."""
+    """One compute slot, waited for no longer than the request's budget (deadline or cancel)."""
 
-    def __init__(self, owner: CapabilityServicer, context: grpc.ServicerContext | None) -> None:
-        self._owner, self._context = owner, context
+    def __init__(self, owner: CapabilityServicer) -> None:
+        self._owner = owner
 
     def __enter__(self) -> None:
         depth = QUEUE_DEPTH.labels(self._owner.component)
         depth.inc()
         try:
-            timeout = self._context.time_remaining() if self._context is not None else None
-            if not self._owner._slots.acquire(timeout=timeout):
-                raise DeadlineWhileQueuedError()
+            while not self._owner._slots.acquire(timeout=_SLOT_POLL_S):
+                try:
+                    checkpoint("the wait for a compute slot")
+                except DeadlineExceededError:
+                    raise DeadlineWhileQueuedError() from None
         finally:
             depth.dec()
 
@@ -268,6 +336,7 @@ def _receive_chunks(
     view = memoryview(buffer) if fixed else None
     received = 0
     for number, message in enumerate(messages, start=1):
+        checkpoint("receiving the upload")
         data = _chunk_bytes(message, shape, number)
         if len(data) > limits.MAX_CHUNK_BYTES:
             raise InputError(
