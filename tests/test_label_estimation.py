@@ -276,6 +276,7 @@ def test_seg_of_an_anonymised_series_without_uids_is_refused(sample, tmp_path: P
     )  # fmt: skip
     assert result.returncode == 2
     assert "StudyInstanceUID" in result.stderr and not seg.exists()
+    assert not (tmp_path / "m.nii.gz").exists()  # refused before anything is written
 
 
 def test_negative_coordinates_in_both_forms(tmp_path: Path) -> None:

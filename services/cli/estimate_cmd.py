@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.cli.arguments import positive_number, triplet
 from services.core.errors import InputError
 from services.core.io import read_image
 from services.core.lesion_prompt import LesionPrompt, prompt_from_voxel
 from services.label_estimation.pipeline import METHODS, LabelEstimator, LesionEstimate
+
+if TYPE_CHECKING:
+    from services.label_estimation.model import UnetModel
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -49,7 +53,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def _estimator(method: str) -> tuple[LabelEstimator, object | None]:
+def _estimator(method: str) -> tuple[LabelEstimator, UnetModel | None]:
     if method != "unet":
         return LabelEstimator(), None
     from services.label_estimation.model import UnetModel
@@ -69,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give exactly one of --center-mm or --center-voxel", field="center_mm")
     if args.diameter_mm is None:
         raise InputError("is required with --image", field="diameter_mm")
+    _check_single_outputs(args)
     image = read_image(args.image, series_instance_uid=args.series_uid)
+    if args.seg is not None:
+        from services.core.io.dicom_seg import check_seg_source
+
+        check_seg_source(image)
     if args.center_voxel is not None:
         prompt = prompt_from_voxel(image, args.center_voxel, args.diameter_mm, args.lesion_id)
     else:
@@ -84,12 +93,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_single_outputs(args: argparse.Namespace) -> None:
+    """Refuse unwritable outputs before reading or computing anything (exit 2, nothing written)."""
+    from services.core.io import writable_suffix
+    from services.label_estimation.outputs import check_writable
+
+    writable_suffix(args.out)
+    check_writable(args.out, "out")
+    for field in ("seg", "report"):
+        if getattr(args, field) is not None:
+            check_writable(getattr(args, field), field)
+    if args.circus is not None:
+        check_writable(args.circus, "circus", folder=True)
+
+
 def _write_single(args: argparse.Namespace, image, estimates: list[LesionEstimate]) -> None:
     from services.label_estimation.outputs import write_circus_labels, write_dicom_seg, write_json, write_mask
 
-    write_mask(image, estimates, args.out)
-    if args.seg is not None:
+    if args.seg is not None:  # first: its last checks (the source files' UIDs) need the files, read here
         write_dicom_seg(image, estimates, args.image, args.seg)
+    write_mask(image, estimates, args.out)
     if args.circus is not None:
         write_circus_labels(estimates, args.circus)
     reports = [e.report() for e in estimates]
@@ -114,11 +137,18 @@ def _run_batch(args: argparse.Namespace) -> int:
     from services.core.manifest import read_lesions
     from services.label_estimation.batch import run_batch
 
-    total = len(read_lesions(args.manifest))
+    lesions = read_lesions(args.manifest)  # refuses an unsafe case id (naming its line) before any work
     estimator, model = _estimator(args.method)
     try:
-        with tqdm(total=total, unit="lesion", file=sys.stderr, disable=None) as bar:
-            summary = run_batch(args.manifest, args.out, args.method, estimator, progress=bar.update)
+        with tqdm(total=len(lesions), unit="lesion", file=sys.stderr, disable=None) as bar:
+            summary = run_batch(
+                lesions,
+                args.out,
+                args.method,
+                estimator,
+                model_version=model.version if model is not None else None,
+                progress=bar.update,
+            )
     finally:
         if model is not None:
             model.close()
@@ -131,10 +161,11 @@ def _run_dose(args: argparse.Namespace) -> int:
 
     from services.core.io import write_image
     from services.label_estimation.dose import Isodose, dose_labels, read_rtdose
-    from services.label_estimation.outputs import write_json
+    from services.label_estimation.outputs import check_writable, write_json
 
     if args.image is None:
         raise InputError("dose-to-label needs the planning image too", field="image")
+    check_writable(args.out, "out", folder=True)
     isodose = Isodose.parse(args.isodose)
     image = read_image(args.image, series_instance_uid=args.series_uid)
     labels, targets = dose_labels(image, read_rtdose(args.dose), isodose)

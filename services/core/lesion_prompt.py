@@ -11,6 +11,12 @@ import numpy as np
 from services.core.errors import InputError
 from services.core.volume import Volume
 
+#: The smallest diameter (and ellipsoid axis) a prompt may state. Below a tenth of a millimetre nothing
+#: is physical — no scanner resolves it, no lesion is that small — and such values only arise from unit
+#: mix-ups or hostile input; 1e-300 mm once overflowed inside the sphere maths and gave an empty mask
+#: with exit 0, so it is refused here, where every prompt (CLI, manifest, gRPC) is made.
+MIN_DIAMETER_MM = 0.1
+
 
 @dataclass(frozen=True)
 class LesionPrompt:
@@ -40,14 +46,17 @@ class LesionPrompt:
             )
         if isinstance(self.diameter_mm, bool) or not isinstance(self.diameter_mm, (int, float)):
             raise InputError(f"must be a number of mm, got {self.diameter_mm!r}", field="diameter_mm")
-        if not math.isfinite(self.diameter_mm) or self.diameter_mm <= 0:
+        if not math.isfinite(self.diameter_mm) or self.diameter_mm < MIN_DIAMETER_MM:
             raise InputError(
-                f"must be a finite number of mm > 0, got {self.diameter_mm}", field="diameter_mm"
+                f"must be a finite number of mm ≥ {MIN_DIAMETER_MM}, got {self.diameter_mm}",
+                field="diameter_mm",
             )
         if self.axes_mm is not None:
             axes = np.asarray(self.axes_mm, dtype=float) if _numeric(self.axes_mm) else np.zeros(0)
-            if axes.shape != (3,) or not np.all(np.isfinite(axes)) or np.any(axes <= 0):
-                raise InputError(f"needs 3 diameters > 0 mm, got {self.axes_mm}", field="axes_mm")
+            if axes.shape != (3,) or not np.all(np.isfinite(axes)) or np.any(axes < MIN_DIAMETER_MM):
+                raise InputError(
+                    f"needs 3 finite diameters ≥ {MIN_DIAMETER_MM} mm, got {self.axes_mm}", field="axes_mm"
+                )
         if isinstance(self.lesion_id, bool) or not isinstance(self.lesion_id, (int, np.integer)):
             raise InputError(f"must be an integer, got {self.lesion_id!r}", field="lesion_id")
         if not 1 <= self.lesion_id <= 65535:
@@ -79,11 +88,15 @@ def _numeric(values: object) -> bool:
 def validated_prompt(volume: Volume, prompt: LesionPrompt) -> LesionPrompt:
     """Refuse a (well-formed) prompt that cannot describe a lesion in this image, naming the field."""
     center = np.asarray(prompt.center_mm, dtype=float)
-    extent_mm = np.asarray(volume.shape_xyz) * np.asarray(volume.spacing)
-    if prompt.diameter_mm > float(extent_mm.max()):
+    across_mm = float((np.asarray(volume.shape_xyz) * np.asarray(volume.spacing)).max())
+    if prompt.diameter_mm > across_mm:
         raise InputError(
-            f"{prompt.diameter_mm} mm is larger than the image ({float(extent_mm.max()):.1f} mm across)",
+            f"{prompt.diameter_mm} mm is larger than the image ({across_mm:.1f} mm across)",
             field="diameter_mm",
+        )
+    if prompt.axes_mm is not None and max(prompt.axes_mm) > across_mm:
+        raise InputError(
+            f"{max(prompt.axes_mm)} mm is larger than the image ({across_mm:.1f} mm across)", field="axes_mm"
         )
     if not volume.contains_world(center):
         index = volume.world_to_index(center)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,31 @@ _FLOAT_COLUMNS = (
     "volume_mm3",
     "contrast_sd",
 )
+
+
+#: Characters a case id may not hold: path separators (either OS's) and control characters (NUL too).
+_UNSAFE_IN_CASE_ID = re.compile(r"[/\\\x00-\x1f\x7f]")
+#: The longest file name most file systems accept, in bytes.
+_MAX_NAME_BYTES = 255
+
+
+def check_case_id(case_id: str, line: int) -> None:
+    """Refuse a case id that is not one plain folder name: outputs go to ``<out>/<case_id>/``, so
+    ``../../x``, an absolute path or a NUL would write outside ``--out`` (or fail half-way).
+
+    Raises:
+        InputError: naming ``case_id`` and the manifest line.
+    """
+    if not case_id:
+        return  # an empty id is the row's own error (see _parse_row), recorded by a batch
+    if _UNSAFE_IN_CASE_ID.search(case_id) or ".." in case_id or case_id == ".":
+        raise InputError(
+            f"line {line}: {case_id!r} is not a plain folder name (no '/', '\\', '..', '.' or control "
+            "characters): outputs are written to <out>/<case_id>/",
+            field="case_id",
+        )
+    if len(case_id.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES:
+        raise InputError(f"line {line}: longer than {_MAX_NAME_BYTES} bytes", field="case_id")
 
 
 def format_float(value: float | None) -> str:
@@ -113,7 +139,9 @@ def read_manifest(
     """Parse and validate a manifest; paths come back absolute (they are relative to the manifest).
 
     ``strict`` raises on the first bad row; otherwise a bad row comes back as ``{"case_id", "lesion_id",
-    "line", "error"}`` so a batch can record it and go on with the others.
+    "line", "error"}`` so a batch can record it and go on with the others. An unsafe ``case_id``
+    (:func:`check_case_id`) always raises: it names where a row's outputs go, so there is no safe
+    place to record that row's error.
     """
     path = Path(path)
     if not path.is_file():
@@ -125,6 +153,7 @@ def read_manifest(
             raise InputError(f"missing columns: {', '.join(missing)}", field="manifest")
         rows = []
         for line, raw in enumerate(reader, start=2):
+            check_case_id(raw["case_id"] or "", line)
             try:
                 rows.append(_parse_row(raw, line, path.parent, check_files))
             except InputError as exc:

@@ -3,28 +3,48 @@
 The manifest has the columns of docs/manifest.schema.json (``case_id, image, lesion_id,
 center_{x,y,z}_mm, diameter_mm``, optionally ``mask`` = the exact label map, used to score Dice).
 Per lesion the runner writes ``<out>/<case_id>/lesion-<id>.nii.gz`` (mask on the input grid) and
-``lesion-<id>.json`` (report) — the JSON last, so its presence means "done" and a rerun skips it.
+``lesion-<id>.json`` (report) — the JSON last, so its presence means "done". A rerun skips a lesion
+only when its report holds the same *resume key* (method, model version, the whole prompt, which
+image and mask): a rerun with another ``--method`` or a corrected diameter recomputes.
 A lesion that fails (bad centre, unreadable image) is recorded with its error and the run goes on.
+
+Before any work the runner refuses an ``--out`` it cannot write (exit 2, not an internal error after
+the compute), takes an exclusive lock on it (two batches into one folder would overwrite each other's
+files and delete each other's temporaries), and removes the temporary files a killed run left there.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
+import hashlib
 import json
 import logging
-from collections.abc import Callable
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
+from services.core.atomic import atomic_output
 from services.core.errors import InputError
 from services.core.io import read_image
 from services.core.lesion_measurements import Measurements
-from services.core.manifest import ManifestLesion, read_lesions
+from services.core.manifest import ManifestLesion
 from services.core.volume import Volume
 from services.evaluation import dice
-from services.label_estimation.outputs import write_json, write_mask
+from services.label_estimation.outputs import check_writable, write_json, write_mask
 from services.label_estimation.pipeline import LabelEstimator, LesionEstimate, QualityCheck, results_of_report
 
 log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "summary.csv"
+#: The temporary names ``services.core.atomic`` gives this runner's outputs while writing them
+#: (``.<target name>.<12 hex digits><suffix>``); a SIGKILL between create and rename leaves them.
+#: Exact, so that nothing but wlcad's own leftovers is ever deleted.
+_STALE_IN_OUT = re.compile(rf"\.{re.escape(SUMMARY_NAME)}\.[0-9a-f]{{12}}")
+_STALE_IN_CASE = re.compile(r"\.lesion-[0-9]+\.(?:nii\.gz\.[0-9a-f]{12}\.nii\.gz|json\.[0-9a-f]{12})")
 
 SUMMARY_COLUMNS = (
     "case_id",
@@ -46,16 +66,46 @@ def _row_id(lesion: ManifestLesion) -> str:
 
 
 def run_batch(
-    manifest: Path,
+    lesions: list[ManifestLesion],
     out: Path,
     method: str,
     estimator: LabelEstimator,
+    *,
+    model_version: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Estimate every lesion of the manifest into ``out``; returns the summary CSV's path."""
-    lesions = read_lesions(manifest)
+    """Estimate every lesion (from :func:`~services.core.manifest.read_lesions`, which has refused
+    unsafe case ids) into ``out``; returns the summary CSV's path. ``model_version`` is the version of
+    the estimator's model (``None`` without one): part of the resume key.
+
+    Raises:
+        InputError: naming ``out`` when it cannot be written or another batch is writing into it.
+    """
     out = Path(out)
+    check_writable(out, "out", folder=True)
     out.mkdir(parents=True, exist_ok=True)
+    for case_id in sorted({lesion.case_id for lesion in lesions} - {""}):
+        if (out / case_id).exists():
+            check_writable(out / case_id, "out", folder=True)
+    with _exclusive(out):
+        _remove_stale_temporaries(out)
+        rows = _estimate_all(lesions, out, method, estimator, model_version, progress)
+        summary = out / SUMMARY_NAME
+        with atomic_output(summary) as temporary, temporary.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    return summary
+
+
+def _estimate_all(
+    lesions: list[ManifestLesion],
+    out: Path,
+    method: str,
+    estimator: LabelEstimator,
+    model_version: str | None,
+    progress: Callable[[int], None] | None,
+) -> list[dict]:
     rows: list[dict] = []
     images: dict[Path, Volume | Exception] = {}
     truths: dict[Path, Volume | Exception] = {}
@@ -66,8 +116,9 @@ def run_batch(
         try:
             if lesion.error:
                 raise InputError(lesion.error)
-            finished = _finished(report_path)
-            if finished is not None:  # finished in an earlier run
+            key = resume_key(lesion, method, model_version)
+            finished = _finished(report_path, key)
+            if finished is not None:  # finished in an earlier run, with the same key
                 measurements, qc, score = finished
                 row.update(_summary(measurements, qc, score, status="skipped"))
             else:
@@ -83,6 +134,7 @@ def run_batch(
                 estimate = estimator.estimate(image, [lesion.prompt], method)[0]
                 report = estimate.report()
                 report["case_id"] = lesion.case_id
+                report["resume_key"] = key
                 score = None
                 if lesion.truth is not None:
                     score = report["dice"] = round(_dice_against_truth(image, estimate, lesion, truths), 4)
@@ -95,12 +147,66 @@ def run_batch(
         rows.append(row)
         if progress:
             progress(1)
-    summary = out / "summary.csv"
-    with summary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return summary
+    return rows
+
+
+def resume_key(lesion: ManifestLesion, method: str, model_version: str | None) -> dict:
+    """What a lesion's stored result depends on; a report is reused only when its key is equal.
+
+    The image and mask paths enter as digests: reports are shared with colleagues, and a path may
+    hold a patient's name. A moved dataset therefore recomputes, the safe direction. The key is
+    JSON-shaped (lists, not tuples) so it compares equal to the one read back from a report.
+    """
+    return json.loads(
+        json.dumps(
+            {
+                "method": method,
+                "model_version": model_version,
+                "prompt": asdict(lesion.prompt),
+                "image_sha256": _path_digest(lesion.image),
+                "mask_sha256": _path_digest(lesion.truth),
+            }
+        )
+    )
+
+
+def _path_digest(path: Path | None) -> str | None:
+    return None if path is None else hashlib.sha256(os.fsencode(Path(path).resolve())).hexdigest()
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the ``out`` folder itself (no lock file to leave behind); the
+    kernel drops it when the process dies, SIGKILL included."""
+    handle = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"another batch is writing into {out}; wait for it to end", field="out"
+            ) from None
+        yield
+    finally:
+        os.close(handle)
+
+
+def _remove_stale_temporaries(out: Path) -> int:
+    """Delete the temporaries a killed run left in ``out`` and its case folders (one level, links not
+    followed); safe under :func:`_exclusive`, as no other batch is writing there. Returns the count."""
+    stale = [out / name for name in os.listdir(out) if _STALE_IN_OUT.fullmatch(name)]
+    with os.scandir(out) as entries:
+        folders = [Path(entry.path) for entry in entries if entry.is_dir(follow_symlinks=False)]
+    for folder in folders:
+        try:
+            stale += [folder / name for name in os.listdir(folder) if _STALE_IN_CASE.fullmatch(name)]
+        except OSError:  # a folder this user cannot read is not one this batch writes into
+            continue
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temporary files left by an interrupted run", len(stale))
+    return len(stale)
 
 
 def _dice_against_truth(
@@ -115,15 +221,18 @@ def _dice_against_truth(
     return dice(estimate.mask.full(), truth.array == lesion.prompt.lesion_id)
 
 
-def _finished(report_path: Path) -> tuple[Measurements, QualityCheck, float | None] | None:
-    """The results of a lesion an earlier run finished; ``None`` when there is no report or it is not
-    one this version wrote (then the lesion is estimated again and the report replaced)."""
+def _finished(report_path: Path, key: dict) -> tuple[Measurements, QualityCheck, float | None] | None:
+    """The results of a lesion an earlier run finished with the same resume ``key``; ``None`` when
+    there is no report, it was made from other inputs (method, prompt, model, image) or it is not one
+    this version wrote (then the lesion is estimated again and the report replaced)."""
     if not report_path.is_file():
         return None
     try:
         report = json.loads(report_path.read_text())
+        if report.get("resume_key") != key:
+            return None
         measurements, qc = results_of_report(report)
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None
     return measurements, qc, report.get("dice")
 

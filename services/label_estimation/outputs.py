@@ -2,21 +2,49 @@
 
 Every file is written to a temporary name and renamed into place, so an interrupted or failed run
 never leaves a partial output that a resumed batch would mistake for a finished one.
+:func:`check_writable` is asked before computing, so an output that cannot be written is the user's
+clear error (exit 2) up front rather than an internal error after the work.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from services.core.atomic import write_bytes_atomically
+from services.core.errors import InputError
 from services.core.io import write_image
 from services.core.io.dicom_seg import write_seg
 from services.core.version import software_version
 from services.core.volume import Volume
 from services.label_estimation.circus_label import circus_voxel_label
 from services.label_estimation.pipeline import LesionEstimate, label_map
+
+
+def check_writable(path: Path, field: str, *, folder: bool = False) -> None:
+    """Refuse, before any work, an output ``path`` (a file, or with ``folder`` a folder) that cannot be
+    written: a parent that is a file, a folder where a file is wanted, or a folder (the nearest one that
+    exists, as the writers create the rest) where no file can be created. Writes nothing that stays:
+    the probe is an unnamed temporary file, and no missing folder is created.
+
+    Raises:
+        InputError: naming ``field``.
+    """
+    path = Path(path)
+    try:
+        if not folder and path.is_dir():
+            raise InputError(f"{path} is a folder; give a file name", field=field)
+        existing = path if folder else path.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise InputError(f"cannot create {path}: {existing} is not a folder", field=field)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}", field=field) from None
 
 
 def write_json(path: Path, payload: object) -> Path:

@@ -18,7 +18,7 @@ from services.core.io.itk_formats import read_itk, write_itk
 from services.core.io.nifti import read_nifti, write_nifti
 from services.core.volume import Volume
 
-__all__ = ["image_format", "read_image", "write_image"]
+__all__ = ["image_format", "read_image", "writable_suffix", "write_image"]
 
 _ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -63,13 +63,26 @@ def read_image(path: str | os.PathLike[str], *, series_instance_uid: str | None 
     return read_dicom_file(path)
 
 
+def writable_suffix(path: str | os.PathLike[str]) -> str:
+    """The image format suffix :func:`write_image` will write ``path`` in; asked before computing too,
+    so a wrong ``--out`` name is refused before any other output is written.
+
+    Raises:
+        InputError: naming ``out`` when the name has no writable suffix.
+    """
+    name = Path(path).name.lower()
+    suffix = next((s for s in WRITABLE_SUFFIXES if name.endswith(s)), None)
+    if suffix is None:
+        raise InputError(
+            f"cannot write {Path(path).name}: use one of {', '.join(WRITABLE_SUFFIXES)}", field="out"
+        )
+    return suffix
+
+
 def write_image(volume: Volume, path: str | os.PathLike[str]) -> Path:
     """Write NIfTI / NRRD / MHA atomically: a temporary file renamed into place, never a partial file."""
     path = Path(path)
-    name = path.name.lower()
-    suffix = next((s for s in WRITABLE_SUFFIXES if name.endswith(s)), None)
-    if suffix is None:
-        raise InputError(f"cannot write {path.name}: use one of {', '.join(WRITABLE_SUFFIXES)}", field="out")
+    suffix = writable_suffix(path)
     with atomic_output(path, suffix=suffix) as temporary:
         if suffix in _NIFTI_SUFFIXES:
             write_nifti(volume, temporary)

@@ -23,12 +23,26 @@ from services.core.volume import Volume
 MANUFACTURER = "wlcad"
 
 
-def _source_datasets(series_folder: Path, volume: Volume) -> list[pydicom.Dataset]:
-    uids = list(volume.metadata.get("sop_instance_uids") or [])
+def check_seg_source(volume: Volume) -> None:
+    """Refuse, from the volume's metadata alone, an input a SEG cannot reference (not DICOM, no
+    instance UIDs, multi-frame): cheap enough to ask before computing, so ``--seg`` on a NIfTI is
+    refused before any output is written.
+
+    Raises:
+        InputError: naming ``seg``.
+    """
+    uids = volume.metadata.get("sop_instance_uids") or []
     if volume.metadata.get("source_format") != "dicom" or not uids:
         raise InputError(
             "a DICOM SEG needs a DICOM image input (it must reference the source images)", field="seg"
         )
+    if len(uids) == 1 and volume.array.shape[0] > 1:
+        raise InputError("multi-frame source images are not supported for SEG yet", field="seg")
+
+
+def _source_datasets(series_folder: Path, volume: Volume) -> list[pydicom.Dataset]:
+    check_seg_source(volume)
+    uids = list(volume.metadata["sop_instance_uids"])
     by_uid = {}
     candidates = (
         [series_folder]
@@ -74,8 +88,6 @@ def write_seg(
 ) -> Path:
     """One segment per lesion (``lesions``: dicts with ``lesion_id`` and ``method``), written atomically."""
     datasets = _source_datasets(Path(series_folder), volume)
-    if len(datasets) == 1 and volume.array.shape[0] > 1:
-        raise InputError("multi-frame source images are not supported for SEG yet", field="seg")
     descriptions = []
     segment_map = np.zeros(label_map.shape, dtype=np.uint16)
     for number, lesion in enumerate(lesions, start=1):
