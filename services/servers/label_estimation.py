@@ -25,6 +25,7 @@ from services.core.lesion_measurements import measure_mask
 from services.core.lesion_prompt import LesionPrompt
 from services.core.version import software_version
 from services.core.volume import Volume
+from services.core.work_budget import checkpoint
 from services.label_estimation.dose import Isodose, dose_labels, read_rtdose
 from services.label_estimation.methods import METHODS, Method, method_named
 from services.label_estimation.pipeline import LabelEstimator
@@ -127,6 +128,7 @@ class LabelEstimationServicer(CapabilityServicer):
                 raise InputError(
                     f"not a readable RT Dose ({type(exc).__name__})", field="rtdose_dicom"
                 ) from exc
+        checkpoint("reading the RT Dose")
         try:
             labels, targets = dose_labels(image, dose, isodose)
         except InputError as exc:
