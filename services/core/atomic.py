@@ -17,6 +17,7 @@ rename keeps the inode, so the target gets exactly that mode.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,13 +28,21 @@ _CREATE_FLAGS = (
     os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 )
 _ATTEMPTS = 100
+_TOKEN_HEX = 6  # bytes of randomness in a temporary name: 12 hex digits
+
+
+def temporary_name_pattern(target_name: str, suffix: str = "") -> str:
+    """The regular expression (for ``re.fullmatch``) of the temporary names :func:`atomic_output`
+    gives ``target_name`` (itself a regular expression), so a cleaner removes exactly wlcad's own
+    leftovers of a killed writer and nothing that merely looks alike."""
+    return rf"\.{target_name}\.[0-9a-f]{{{2 * _TOKEN_HEX}}}{re.escape(suffix)}"
 
 
 def _create_temporary(folder: Path, prefix: str, suffix: str) -> Path:
     """Create an empty, new file in ``folder`` with the mode ``open()`` would give it (``0o666`` less
     the umask, applied by the kernel) and return its path; like ``mkstemp`` apart from the mode."""
     for _ in range(_ATTEMPTS):
-        candidate = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        candidate = folder / f"{prefix}{secrets.token_hex(_TOKEN_HEX)}{suffix}"
         try:
             handle = os.open(candidate, _CREATE_FLAGS, 0o666)
         except FileExistsError:

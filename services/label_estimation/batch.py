@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from services.core.atomic import atomic_output
+from services.core.atomic import atomic_output, temporary_name_pattern
 from services.core.errors import InputError
 from services.core.io import read_image
 from services.core.lesion_measurements import Measurements
@@ -43,8 +43,12 @@ SUMMARY_NAME = "summary.csv"
 #: The temporary names ``services.core.atomic`` gives this runner's outputs while writing them
 #: (``.<target name>.<12 hex digits><suffix>``); a SIGKILL between create and rename leaves them.
 #: Exact, so that nothing but wlcad's own leftovers is ever deleted.
-_STALE_IN_OUT = re.compile(rf"\.{re.escape(SUMMARY_NAME)}\.[0-9a-f]{{12}}")
-_STALE_IN_CASE = re.compile(r"\.lesion-[0-9]+\.(?:nii\.gz\.[0-9a-f]{12}\.nii\.gz|json\.[0-9a-f]{12})")
+_STALE_IN_OUT = re.compile(temporary_name_pattern(re.escape(SUMMARY_NAME)))
+_STALE_IN_CASE = re.compile(
+    temporary_name_pattern(r"lesion-[0-9]+\.nii\.gz", ".nii.gz")
+    + "|"
+    + temporary_name_pattern(r"lesion-[0-9]+\.json")
+)
 
 SUMMARY_COLUMNS = (
     "case_id",
