@@ -37,7 +37,9 @@ def _finite_triplet(values: Sequence[float], field: str, default=None, positive:
 def volume_header(
     message: image_pb2.Volume, field: str = "image.volume"
 ) -> tuple[np.dtype, tuple[int, int, int]]:
-    """Validated dtype and shape_xyz, and the exact byte count they imply (checked before any allocation)."""
+    """Validated dtype and shape_xyz: voxels against ``MAX_VOXELS`` and bytes (shape × itemsize)
+    against ``MAX_UPLOAD_BYTES``, from the header alone, so an upload's buffer is never sized from
+    a header asking for more than an upload may carry."""
     if message.dtype not in DTYPES:
         raise InputError(
             f"must be one of {', '.join(DTYPES)}, got {message.dtype[:32]!r}", field=f"{field}.dtype"
@@ -52,10 +54,18 @@ def volume_header(
             f"{list(shape)} is {math.prod(shape)} voxels, above the limit of {limits.MAX_VOXELS}",
             field=f"{field}.shape_xyz",
         )
-    return np.dtype(message.dtype).newbyteorder("<"), shape  # type: ignore[return-value]
+    dtype = np.dtype(message.dtype).newbyteorder("<")
+    size = math.prod(shape) * dtype.itemsize
+    if size > limits.MAX_UPLOAD_BYTES:  # the voxel limit alone lets float64 ask for 4 GiB
+        raise InputError(
+            f"{message.dtype} × {list(shape)} is {size} bytes, above the limit of {limits.MAX_UPLOAD_BYTES}",
+            field=f"{field}.shape_xyz",
+        )
+    return dtype, shape  # type: ignore[return-value]
 
 
 def expected_bytes(message: image_pb2.Volume, field: str = "image.volume") -> int:
+    """The exact byte count of a volume's voxels (at most ``MAX_UPLOAD_BYTES``), from its header."""
     dtype, shape = volume_header(message, field)
     return math.prod(shape) * dtype.itemsize
 
