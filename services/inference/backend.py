@@ -2,19 +2,25 @@
 
 It is asynchronous because the services are gRPC aio servers and because batching needs several
 requests in flight at once; :class:`BlockingBackend` wraps any backend for synchronous callers
-(training loops, scripts) by running it on its own event-loop thread.
+(training loops, scripts, the services' handler threads) by running it on its own event-loop thread.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from services.core.work_budget import checkpoint
 from services.inference.signature import ModelSignature
+
+#: How often a blocked caller looks whether its request was cancelled (the bound on how long an
+#: abandoned request keeps waiting for the backend).
+_CANCEL_POLL_S = 0.05
 
 
 class InferenceBackend(abc.ABC):
@@ -42,6 +48,11 @@ class InferenceBackend(abc.ABC):
         timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Run one request; returns the requested outputs (all when None) by name."""
+
+    async def ready(self, timeout_s: float, models: Sequence[str] = ()) -> bool:
+        """Whether the backend can serve ``models`` now, answered within ``timeout_s`` (a service's
+        readiness). An in-process backend is always ready; a remote one asks its server."""
+        return True
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -72,10 +83,25 @@ class BlockingBackend:
         self.backend: InferenceBackend = self._call(create())
 
     def _call(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        """Run ``coroutine`` on the loop thread and wait for it; when the current request is
+        cancelled meanwhile (:func:`~services.core.work_budget.checkpoint`), the coroutine is
+        cancelled too, which ends its backend call, and the request stops at once."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        while True:
+            done, _ = concurrent.futures.wait([future], timeout=_CANCEL_POLL_S)
+            if done:
+                return future.result()
+            try:
+                checkpoint("inference")
+            except BaseException:
+                future.cancel()
+                raise
 
     def signature(self, model: str) -> ModelSignature:
         return self._call(self.backend.signature(model))
+
+    def ready(self, timeout_s: float, models: Sequence[str] = ()) -> bool:
+        return self._call(self.backend.ready(timeout_s, models))
 
     def infer(
         self,

@@ -2,9 +2,15 @@
 
 What a network hop needs that in-process inference does not:
 
-* a deadline on every call (``deadline_s``), so a hung or dead server costs a bounded wait;
+* a deadline on every call (the caller's ``timeout_s``, else ``deadline_s``), so a hung or dead
+  server costs a bounded wait;
 * retry with jittered exponential back-off while the server answers UNAVAILABLE (restarting,
-  overloaded, not yet listening), ending in :class:`InferenceUnavailableError` at the deadline;
+  overloaded, not yet listening), ending in :class:`InferenceUnavailableError` (UNAVAILABLE) a small
+  margin before the deadline, so the answer reaches the caller in time and says the backend is down
+  (not that the caller's deadline passed). Retrying is for a blip: a call retries for at most
+  ``max_retry_s``, so a long outage is answered fast instead of holding every caller (and its
+  compute slot) until its deadline;
+* a cheap reachability probe (:meth:`TritonBackend.ready`) for the service's readiness;
 * system shared memory for large tensors when the server runs on the same host, so a volume is
   not serialized into a gRPC message.
 
@@ -41,8 +47,19 @@ def _status(exc: InferenceServerException) -> str:
     return (exc.status() or "").rsplit(".", 1)[-1]
 
 
+def answer_margin_s(deadline_s: float) -> float:
+    """How long before a deadline the retries stop, so that the answer (an error included) still
+    crosses the service and the gateway before the caller's own deadline: a tenth of it, between
+    50 ms and 1 s."""
+    return min(1.0, max(0.05, 0.1 * deadline_s))
+
+
 class TritonBackend(InferenceBackend):
-    """Client of one Triton server at ``host:port`` (gRPC)."""
+    """Client of one Triton server at ``host:port`` (gRPC).
+
+    ``deadline_s``: a call's deadline when its caller gives none. ``max_retry_s``: how long one call
+    retries while the server is UNAVAILABLE (longer than the channel's 1 s reconnect back-off, so a
+    server back from an outage is found by the first call)."""
 
     kind = "triton"
 
@@ -55,6 +72,7 @@ class TritonBackend(InferenceBackend):
         shared_memory_min_bytes: int = 1 << 20,
         initial_backoff_s: float = 0.05,
         max_backoff_s: float = 1.0,
+        max_retry_s: float = 2.0,
     ) -> None:
         self.url = url
         self.deadline_s = deadline_s
@@ -63,6 +81,7 @@ class TritonBackend(InferenceBackend):
         self.shared_memory_min_bytes = shared_memory_min_bytes
         self.initial_backoff_s = initial_backoff_s
         self.max_backoff_s = max_backoff_s
+        self.max_retry_s = max_retry_s
         self._client = InferenceServerClient(
             url,
             channel_args=[
@@ -77,37 +96,63 @@ class TritonBackend(InferenceBackend):
         self._signatures: dict[str, ModelSignature] = {}
         self._pool = SharedMemoryPool(self._client)
 
-    async def _retrying(self, what: str, call: Callable[[float], Awaitable], timeout_s: float | None):
-        """Run ``call(remaining_seconds)`` until it succeeds, fails for good, or the deadline passes."""
+    def _end(self, timeout_s: float | None) -> float:
+        """Loop time by which a call must have answered: its deadline less the answer margin."""
         deadline_s = timeout_s or self.deadline_s
+        return asyncio.get_running_loop().time() + deadline_s - answer_margin_s(deadline_s)
+
+    async def _retrying(self, what: str, call: Callable[[float], Awaitable], end: float):
+        """Run ``call(remaining_seconds)`` until it succeeds, fails for good, or retrying stops (at
+        ``end``, or ``max_retry_s`` after the first try).
+
+        Once the server answered UNAVAILABLE, running out of time is reported as UNAVAILABLE too
+        (also when the last try then timed out): the caller must learn that the backend is down, not
+        that its own deadline passed. DEADLINE_EXCEEDED is left for a server that was reached but
+        did not answer in time."""
         loop = asyncio.get_running_loop()
-        end = loop.time() + deadline_s
+        stop = min(end, loop.time() + self.max_retry_s)
         backoff = self.initial_backoff_s
         attempts = 0
+        refusal: InferenceServerException | None = None
         while True:
             attempts += 1
-            remaining = end - loop.time()
             try:
-                return await call(max(remaining, 0.001))
+                return await call(max(end - loop.time(), 0.001))
             except InferenceServerException as exc:
                 status = _status(exc)
-                if status == "DEADLINE_EXCEEDED":
+                if status == "DEADLINE_EXCEEDED" and refusal is None:
                     raise InferenceUnavailableError(
-                        f"triton at {self.url}: {what} exceeded its {deadline_s:g} s deadline",
+                        f"triton at {self.url}: {what} did not answer within its deadline",
                         code="DEADLINE_EXCEEDED",
                     ) from exc
-                if status != "UNAVAILABLE":
+                if status not in {"UNAVAILABLE", "DEADLINE_EXCEEDED"}:
                     raise
+                refusal = exc if status == "UNAVAILABLE" else refusal
                 self._pool.invalidate()  # a restarted server has forgotten our shared-memory regions
                 pause = backoff * (0.5 + random.random())
-                if end - loop.time() <= pause:
+                if status == "DEADLINE_EXCEEDED" or loop.time() + pause >= stop:
                     raise InferenceUnavailableError(
-                        f"triton at {self.url}: UNAVAILABLE for {what} after {attempts} tries within the "
-                        f"{deadline_s:g} s deadline ({exc.message()})"
+                        f"triton at {self.url}: UNAVAILABLE for {what} after {attempts} tries "
+                        f"({refusal.message()})"
                     ) from exc
                 log.info("triton %s UNAVAILABLE (%s); retrying in %.2f s", self.url, exc.message(), pause)
                 await asyncio.sleep(pause)
                 backoff = min(backoff * 2, self.max_backoff_s)
+
+    async def ready(self, timeout_s: float, models: Sequence[str] = ()) -> bool:
+        """Whether the server is ready and serves ``models`` now: cheap health RPCs, no retry, all
+        within ``timeout_s`` (a hung server is not ready)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        try:
+            if not await self._client.is_server_ready(client_timeout=max(end - loop.time(), 0.001)):
+                return False
+            for model in models:
+                if not await self._client.is_model_ready(model, client_timeout=max(end - loop.time(), 0.001)):
+                    return False
+        except InferenceServerException:
+            return False
+        return True
 
     def _translate(self, exc: InferenceServerException, model: str) -> Exception:
         """Map a final server error to wlcad's errors (bad input vs server failure)."""
@@ -122,13 +167,16 @@ class TritonBackend(InferenceBackend):
         )
 
     async def signature(self, model: str, timeout_s: float | None = None) -> ModelSignature:
+        return await self._signature(model, self._end(timeout_s))
+
+    async def _signature(self, model: str, end: float) -> ModelSignature:
         if model not in self._signatures:
 
             async def fetch(remaining: float):
                 return await self._client.get_model_config(model, client_timeout=remaining)
 
             try:
-                response = await self._retrying(f"config of {model!r}", fetch, timeout_s)
+                response = await self._retrying(f"config of {model!r}", fetch, end)
             except InferenceServerException as exc:
                 raise self._translate(exc, model) from exc
             self._signatures[model] = ModelSignature.from_config(response.config)
@@ -142,9 +190,8 @@ class TritonBackend(InferenceBackend):
         *,
         timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + (timeout_s or self.deadline_s)
-        signature = await self.signature(model, timeout_s)
+        end = self._end(timeout_s)
+        signature = await self._signature(model, end)
         batch = signature.validate(inputs)
         wanted = [signature.output(name) for name in outputs] if outputs else list(signature.outputs)
         arrays = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
@@ -165,7 +212,7 @@ class TritonBackend(InferenceBackend):
             return {spec.name: result.as_numpy(spec.name) for spec in wanted}
 
         try:
-            return await self._retrying(f"infer {model!r}", attempt, max(end - loop.time(), 0.001))
+            return await self._retrying(f"infer {model!r}", attempt, end)
         except InferenceServerException as exc:
             raise self._translate(exc, model) from exc
 

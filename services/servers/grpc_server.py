@@ -1,6 +1,11 @@
 """Start a wlcad gRPC service process: the servicer, the standard health service, reflection,
 explicit message-size limits, bounded concurrency and a Prometheus endpoint.
 
+Health has two levels: the overall status ("") is liveness, SERVING while the process serves; the
+status of the service's own name is readiness, NOT_SERVING while a backend it needs (Triton) does
+not answer, so the gateway's ``/readyz`` tells the truth while methods that need no backend keep
+working behind it.
+
 Shared by every capability's service (``services.servers.scaffold.serve_capability`` starts it), so
 a capability only provides its servicer.
 """
@@ -30,6 +35,10 @@ log = logging.getLogger("wlcad.serving")
 
 #: Requests a service holds at once (computing or queued); beyond this gRPC answers RESOURCE_EXHAUSTED.
 DEFAULT_MAX_CONCURRENT = 128
+#: The longest a refused stream is read on (see :func:`_drain`), when the caller's deadline is later.
+MAX_DRAIN_S = 10.0
+#: How often readiness is asked (each ask is bounded by the probe's own timeout).
+READINESS_INTERVAL_S = 1.0
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -54,10 +63,19 @@ def parse_request(message_class, data: bytes):
         raise InputError("the request is not a valid protobuf message", field="request") from exc
 
 
-def _drain(requests) -> None:
-    """Read what is left of a refused stream before the status goes out (bounded by the upload limit
-    and the deadline): a status sent while the caller is still writing reaches callers behind the
-    gateway as INTERNAL "Internal error from Core" instead of the real reason."""
+def _drain(requests, context: grpc.ServicerContext) -> None:
+    """Read what is left of a refused stream before the status goes out: a status sent while the
+    caller is still writing reaches callers behind the gateway as INTERNAL "Internal error from
+    Core" instead of the real reason.
+
+    Bounded by the upload limit and by time: the caller's deadline, at most ``MAX_DRAIN_S``. A
+    caller that stalls without a deadline would otherwise hold this handler thread for good; past
+    the bound the call is cancelled (which ends the blocked read), and such a caller, no longer
+    writing, gets CANCELLED instead of the reason."""
+    remaining = context.time_remaining()
+    timer = threading.Timer(MAX_DRAIN_S if remaining is None else min(remaining, MAX_DRAIN_S), context.cancel)
+    timer.daemon = True
+    timer.start()
     drained = 0
     try:
         for data in requests:
@@ -66,6 +84,8 @@ def _drain(requests) -> None:
                 return
     except Exception:  # the caller cancelled or the deadline passed: nothing left to protect
         return
+    finally:
+        timer.cancel()
 
 
 def servicer_handler(servicer: object, service: ServiceDescriptor) -> grpc.GenericRpcHandler:
@@ -90,7 +110,7 @@ def servicer_handler(servicer: object, service: ServiceDescriptor) -> grpc.Gener
                     decoded = requests if _raw else (parse_request(_cls, data) for data in requests)
                     return _impl(decoded, context)
                 finally:
-                    _drain(requests)
+                    _drain(requests, context)
 
             handlers[method.name] = grpc.stream_unary_rpc_method_handler(
                 stream, response_serializer=serialize
@@ -121,8 +141,13 @@ def run_service(
     threads: int = 32,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     on_stop: Callable[[], None] | None = None,
+    readiness: Callable[[], bool] | None = None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit status."""
+    """Serve until SIGTERM/SIGINT; returns the exit status.
+
+    ``readiness`` (asked every ``READINESS_INTERVAL_S`` on a thread of its own): whether the
+    backends the service needs answer; the health of ``service_name`` follows it and is NOT_SERVING
+    until its first True. Without it the service is ready as soon as it listens."""
     limit_malloc_arenas()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
@@ -139,10 +164,19 @@ def run_service(
         host, port = split_address(metrics_address)
         start_http_server(port, addr=host)
     server.start()
-    for name in ("", service_name):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.warning("%s serving on %s (metrics on %s)", service_name, address, metrics_address or "-")
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     stopped = threading.Event()
+    if readiness is None:
+        health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    else:
+        health_servicer.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        threading.Thread(
+            target=_follow_readiness,
+            args=(readiness, health_servicer, service_name, stopped),
+            name="readiness",
+            daemon=True,
+        ).start()
+    log.warning("%s serving on %s (metrics on %s)", service_name, address, metrics_address or "-")
 
     def stop(signum, frame) -> None:
         stopped.set()
@@ -155,3 +189,28 @@ def run_service(
     if on_stop is not None:
         on_stop()
     return 0
+
+
+def _follow_readiness(
+    readiness: Callable[[], bool],
+    health_servicer: health.HealthServicer,
+    service_name: str,
+    stopped: threading.Event,
+) -> None:
+    """Set the health of ``service_name`` from ``readiness()`` until ``stopped``; log each change."""
+    ready: bool | None = None
+    while not stopped.is_set():
+        try:
+            now = bool(readiness())
+        except Exception:  # a probe that fails means not ready; never end the loop
+            now = False
+        if now != ready and not stopped.is_set():
+            status = (
+                health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            health_servicer.set(service_name, status)
+            log.warning(
+                "%s %s", service_name, "ready" if now else "not ready: a backend it needs does not answer"
+            )
+            ready = now
+        stopped.wait(READINESS_INTERVAL_S)
