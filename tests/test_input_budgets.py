@@ -192,7 +192,7 @@ def _read_in_child(archive: Path, temp: Path, disk_bound: int, time_bound_s: flo
     ("members", "refusal"),
     [
         (124, "expands beyond"),  # 1.94 GiB: the issue's bomb, refused from the zip's directory
-        (60, "member 1 of 60 is not a DICOM file"),  # 0.94 GiB, under the size limit: by the preamble
+        (60, "none of the zip's 60 files is DICOM"),  # 0.94 GiB, under the size limit: by the preamble
     ],
 )
 def test_zip_bomb_of_zeros_is_refused_fast_without_filling_the_disk(tmp_path, members, refusal):
@@ -251,19 +251,28 @@ def dcmread_calls(monkeypatch) -> list:
     return calls
 
 
-def test_a_zip_member_without_the_dicom_preamble_is_refused_before_any_parse(
-    sample, temp_root, dcmread_calls
-):
+def test_zip_members_without_the_dicom_head_are_skipped_before_any_parse(sample, temp_root, dcmread_calls):
+    """A CD export's notes beside its instances are skipped (never parsed or unpacked); a zip with
+    no DICOM member at all is refused, naming no member (member names may be patient names)."""
     series = sorted(sample("ct-dicom-series").iterdir())
+    notes = b"Patient DOE^JANE, not an image\n" * 200
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zipped:
         zipped.write(series[0], "DOE^JANE/slice-1.dcm")
-        zipped.writestr("DOE^JANE/notes.dcm", b"Patient DOE^JANE, not an image\n" * 200)
+        zipped.writestr("DOE^JANE/notes.dcm", notes)
+    volume = volume_from_file("series.zip", buffer.getvalue())
+    assert volume.shape_xyz[2] == 1
+    assert all(Path(call).name == "00000.dcm" for call in dcmread_calls if isinstance(call, str | Path))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zipped:
+        zipped.writestr("DOE^JANE/notes.dcm", notes)
+        zipped.writestr("DOE^JANE/README.txt", notes)
+    dcmread_calls.clear()
     with pytest.raises(InputError) as refused:
         volume_from_file("series.zip", buffer.getvalue())
     assert refused.value.field == "image.file.content"
-    assert "member 2 of 2 is not a DICOM file" in refused.value.message
-    assert "DOE" not in refused.value.message  # member names may be patient names
+    assert "none of the zip's 2 files is DICOM" in refused.value.message
+    assert "DOE" not in refused.value.message
     assert dcmread_calls == []
     assert _files_under(temp_root) == []
 

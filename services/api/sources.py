@@ -280,13 +280,16 @@ def _unpack_member(
     unpacked: int,
     disk: _TempDisk,
 ) -> int:
-    """Write member ``number`` into ``folder``, its first bytes checked for DICOM before anything is
-    written and every chunk counted against the zip's and the request's limits; returns the zip's
-    unpacked bytes so far."""
+    """Write member ``number`` into ``folder`` when its first bytes are DICOM's, every chunk counted
+    against the zip's and the request's limits; returns the zip's unpacked bytes so far.
+
+    A member that is not DICOM is skipped unread beyond its head: a CD or PACS export holds README,
+    HTML viewer and index files beside the instances, and a zip of anything else is refused by the
+    caller when no member was DICOM — in either case without parsing or unpacking the rest."""
     with zipped.open(members[number]) as source:
         chunk = source.read(_DICOM_HEAD_BYTES)
         if not _is_dicom(chunk):
-            raise InputError(_not_dicom("member", number + 1, len(members)), field=disk.field)
+            return unpacked
         with open(folder / f"{number:05d}.dcm", "wb") as out:
             while chunk:
                 unpacked += len(chunk)
@@ -309,6 +312,12 @@ def _extract_zip(archive: Path, folder: Path, disk: _TempDisk) -> None:
             for number in range(len(members)):
                 checkpoint("unpacking the zip")
                 unpacked = _unpack_member(zipped, number, members, folder, unpacked, disk)
+            if not any(folder.iterdir()):
+                raise InputError(
+                    f"none of the zip's {len(members)} files is DICOM (a 128-byte preamble, 'DICM' and "
+                    "a file meta group)",
+                    field=field,
+                )
     except (InputError, MemoryError, *_STOPPED):
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError) as exc:

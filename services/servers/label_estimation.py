@@ -6,7 +6,6 @@ Slots, uploads, deadlines, error mapping, metrics and ``Describe`` come from the
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -18,6 +17,7 @@ from scipy import ndimage
 
 from services.api.convert import measurements_to_proto, pack_mask, volume_to_proto
 from services.api.pb import label_estimation_pb2 as pb
+from services.api.sources import request_temp_dir
 from services.api.status import PreconditionError
 from services.api.upload import upload_shape
 from services.core.errors import InputError
@@ -115,7 +115,7 @@ class LabelEstimationServicer(CapabilityServicer):
             raise InputError("give the RT Dose DICOM file's bytes", field="rtdose_dicom")
         isodose = Isodose.parse(request.isodose[:32])
         image = self.image(request.image)
-        with tempfile.TemporaryDirectory(prefix="wlcad-dose-") as work:
+        with request_temp_dir("dose") as work:
             path = Path(work) / "rtdose.dcm"
             path.write_bytes(request.rtdose_dicom)
             try:

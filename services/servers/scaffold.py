@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from services.api import limits
 from services.api.convert import expected_bytes, volume_from_proto
 from services.api.pb import common_pb2
-from services.api.sources import volume_from_file, volume_from_source
+from services.api.sources import remove_stale_temp, volume_from_file, volume_from_source
 from services.api.status import grpc_status
 from services.api.upload import UploadShape
 from services.core.errors import InputError
@@ -361,6 +361,9 @@ def serve_capability(name: str, settings: ServiceSettings, address: str, metrics
     from services.capabilities import capability
     from services.servers.grpc_server import run_service, servicer_handler
 
+    removed = remove_stale_temp()  # request folders of a killed predecessor (SIGKILL skips cleanup)
+    if removed:
+        log.warning("removed %d temporary folders of stopped wlcad processes", len(removed))
     entry = capability(name)
     servicer = entry.servicer_factory()(settings)
     service = descriptor_pool.Default().FindServiceByName(entry.service)

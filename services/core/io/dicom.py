@@ -24,6 +24,7 @@ from pydicom.pixels import apply_modality_lut
 
 from services.core.errors import InputError
 from services.core.volume import Volume
+from services.core.work_budget import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +399,7 @@ def read_dicom_series(folder: Path, series_instance_uid: str | None = None) -> V
         if not is_dicom_file(path):
             skipped += 1
             continue
+        checkpoint("reading DICOM headers")
         ds = _read_dataset(path, stop_before_pixels=True)
         if "Rows" not in ds:  # reports, structure sets, presentation states: no image to stack
             skipped += 1
@@ -427,7 +429,10 @@ def read_dicom_series(folder: Path, series_instance_uid: str | None = None) -> V
         raise InputError(
             "a series of several multi-frame files is not supported; give one file", field="image"
         )
-    full = [(path, _read_dataset(path, stop_before_pixels=False)) for path, _ in chosen]
+    full = []
+    for path, _ in chosen:
+        checkpoint("reading DICOM slices")  # an abandoned request stops between files
+        full.append((path, _read_dataset(path, stop_before_pixels=False)))
     frames = _frames_from_single_frame_files(full)
     volume = _stack(frames, _metadata(full[0][1]))
     log.debug("read DICOM series: %d slices, shape %s", len(frames), volume.shape_xyz)
