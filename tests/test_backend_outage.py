@@ -8,6 +8,7 @@
   its caller's deadline, so the service holds nothing once the caller has its answer, and sphere
   calls are answered meanwhile.
 * Readiness follows the probe in a real service process; the probe of a dead Triton says not ready.
+* A try that times out after the server refused earlier tries is reported as UNAVAILABLE.
 * A refused upload whose caller then stalls without a deadline is ended by the drain's time bound
   instead of holding the handler thread until the caller closes.
 
@@ -17,6 +18,7 @@ Needs ``bash scripts/install-triton.sh`` for the Triton test.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import signal
@@ -31,12 +33,15 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from services.api.client import channel
 from services.api.pb import label_estimation_pb2 as pb
 from services.api.pb import label_estimation_pb2_grpc as pb_grpc
+from services.inference.errors import InferenceUnavailableError
 from services.inference.factory import BackendProbe, default_repository
 from services.inference.repository import ModelRepository
+from services.inference.triton import TritonBackend
 from services.inference.triton_server import TritonServer
 from services.label_estimation.unet import MODEL_NAME
 from services.servers.grpc_server import MAX_DRAIN_S
@@ -291,6 +296,29 @@ def test_probe_of_a_dead_triton_is_not_ready_and_embedded_is() -> None:
     assert not BackendProbe(f"triton://127.0.0.1:{free_port()}", timeout_s=5)()
     assert time.monotonic() - started < 30  # liveness: bounded by the probe's timeout
     assert BackendProbe("embedded")()
+
+
+def test_timeout_after_refusals_is_reported_unavailable() -> None:
+    """The server refused (it is down), then the last try ran out of time: the caller must learn that
+    the backend is down, not that its deadline passed. A first try that times out stays
+    DEADLINE_EXCEEDED (reached, but no answer in time)."""
+
+    def scripted(statuses: list[str]):
+        async def call(remaining: float):
+            raise InferenceServerException("scripted", status=f"StatusCode.{statuses.pop(0)}")
+
+        return call
+
+    async def run() -> tuple[str, str]:
+        async with TritonBackend(f"127.0.0.1:{free_port()}", initial_backoff_s=0.001) as backend:
+            codes = []
+            for statuses in (["UNAVAILABLE", "UNAVAILABLE", "DEADLINE_EXCEEDED"], ["DEADLINE_EXCEEDED"]):
+                with pytest.raises(InferenceUnavailableError) as caught:
+                    await backend._retrying("infer", scripted(statuses), backend._end(30.0))
+                codes.append(caught.value.code)
+            return tuple(codes)
+
+    assert asyncio.run(run()) == ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
 def test_refused_upload_then_stalled_caller_is_ended_by_the_drain_bound(tmp_path: Path) -> None:
