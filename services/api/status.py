@@ -28,12 +28,9 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
     if isinstance(exc, PreconditionError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc), None
     if isinstance(exc, InferenceUnavailableError):
-        code = (
-            grpc.StatusCode.DEADLINE_EXCEEDED
-            if exc.code == "DEADLINE_EXCEEDED"
-            else grpc.StatusCode.UNAVAILABLE
-        )
-        return code, "the inference backend is unavailable; retry later", None
+        if exc.code == "DEADLINE_EXCEEDED":
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "the inference backend did not answer in time", None
+        return grpc.StatusCode.UNAVAILABLE, "the inference backend is unavailable; retry later", None
     if isinstance(exc, RequestCancelledError):
         return grpc.StatusCode.CANCELLED, str(exc), None
     if isinstance(exc, DeadlineExceededError):

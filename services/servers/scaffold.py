@@ -38,7 +38,7 @@ from services.core.work_budget import (
     checkpoint,
     scope,
 )
-from services.inference.factory import default_repository
+from services.inference.factory import BackendProbe, default_repository
 from services.inference.repository import ModelRepository
 from services.servers.grpc_server import parse_request
 from services.servers.observability import IN_FLIGHT, QUEUE_DEPTH, observe
@@ -109,6 +109,15 @@ class CapabilityServicer:
 
     def close(self) -> None:
         """Release models and backends when the process stops (override when holding any)."""
+
+    def readiness_probe(self) -> BackendProbe:
+        """Whether the configured inference backend serves the models this service's methods use:
+        the service's readiness (its own health name), while liveness ("") stays SERVING so that
+        methods needing no model keep working when Triton is down."""
+        models = sorted(
+            {m.model_version.split("/")[0] for m in self.methods() if m.available and m.model_version}
+        )
+        return BackendProbe(self.settings.inference_setting, self.repository, models)
 
     # -- shared RPC ---------------------------------------------------------------------------------
     def Describe(self, request: common_pb2.DescribeRequest, context: grpc.ServicerContext):  # noqa: N802 - gRPC names
@@ -367,10 +376,17 @@ def serve_capability(name: str, settings: ServiceSettings, address: str, metrics
     entry = capability(name)
     servicer = entry.servicer_factory()(settings)
     service = descriptor_pool.Default().FindServiceByName(entry.service)
+    probe = servicer.readiness_probe()
+
+    def stop() -> None:
+        probe.close()
+        servicer.close()
+
     return run_service(
         service.full_name,
         lambda server: server.add_generic_rpc_handlers((servicer_handler(servicer, service),)),
         address,
         metrics_address,
-        on_stop=servicer.close,
+        on_stop=stop,
+        readiness=probe,
     )
