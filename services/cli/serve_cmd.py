@@ -3,8 +3,9 @@
 One sub-command per entry of the capability table (``services/capabilities.py``), all with the same
 options; ``all`` starts each capability's service as its own child process (Triton too with
 ``--backend triton``) on the table's default ports, then the gateway routed to them, restarts a
-service that dies, and stops them all on SIGTERM/Ctrl-C — what ``make run`` uses. Every address
-defaults to 127.0.0.1.
+child that dies (within a restart budget per time window, see :class:`RestartBudget`), and stops them
+all on SIGTERM/Ctrl-C — what ``make run`` uses. Every address defaults to 127.0.0.1; a service on any
+other address needs the hashes of the token the gateway sends (``services/servers/service_auth.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.capabilities import CAPABILITIES, Capability
@@ -44,6 +47,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     _gateway_options(both, routes=False)
     _addresses_option(both, "--service-listen", "a service's gRPC address")
+    _addresses_option(
+        both, "--service-metrics-listen", "a service's /metrics address", DEFAULT_METRICS_ADDRESSES
+    )
     both.add_argument(
         "--backend", choices=("embedded", "triton"), default="embedded", help="inference backend"
     )
@@ -52,6 +58,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     both.add_argument(
         "--dicomweb", action="append", default=[], metavar="URL", help="allowed DICOMweb server"
+    )
+    both.add_argument(
+        "--restart-limit",
+        type=int,
+        default=RestartBudget.limit,
+        help=f"restarts of one child within --restart-window before it waits (default {RestartBudget.limit})",
+    )
+    both.add_argument(
+        "--restart-window",
+        type=float,
+        default=RestartBudget.window_s,
+        metavar="SECONDS",
+        help=f"the restart budget's time window (default {RestartBudget.window_s:g})",
     )
     both.set_defaults(handler=_run_all)
 
@@ -79,16 +98,28 @@ def _service_options(parser: argparse.ArgumentParser, entry: Capability) -> None
         "--compute-slots", type=int, default=os.cpu_count() or 2, help="requests computing at once"
     )
     parser.add_argument("--inference", default=None, help="embedded (default) or triton://host:port")
+    parser.add_argument(
+        "--tokens-file",
+        type=Path,
+        help="hashes of the tokens accepted from the gateway, one 'sha256:<hex>' a line (also "
+        "$WLCAD_SERVICE_TOKEN_HASHES); required on a non-loopback --listen",
+    )
 
 
-def _addresses_option(parser: argparse.ArgumentParser, option: str, what: str) -> None:
+#: Default /metrics addresses of the services ``serve all`` starts.
+DEFAULT_METRICS_ADDRESSES = {c.name: c.default_metrics_address for c in CAPABILITIES}
+
+
+def _addresses_option(
+    parser: argparse.ArgumentParser, option: str, what: str, defaults: dict[str, str] = DEFAULT_UPSTREAMS
+) -> None:
     """``NAME=HOST:PORT`` for any capability of the table (repeatable); the table's addresses otherwise."""
     parser.add_argument(
         option,
         action="append",
         default=[],
         metavar="NAME=HOST:PORT",
-        help=f"{what} ({', '.join(r.name for r in ROUTES)}); default {DEFAULT_UPSTREAMS}",
+        help=f"{what} ({', '.join(r.name for r in ROUTES)}); default {defaults}",
     )
 
 
@@ -97,6 +128,12 @@ def _gateway_options(parser: argparse.ArgumentParser, routes: bool = True) -> No
     parser.add_argument("--http-listen", default="127.0.0.1:8080", help="gateway HTTP/JSON address")
     if routes:
         _addresses_option(parser, "--route", "upstream address of a route")
+        parser.add_argument(
+            "--upstream-token-file",
+            type=Path,
+            help="the token to send to the services (also $WLCAD_UPSTREAM_TOKEN); needed when they "
+            "listen on non-loopback addresses (`serve all` makes one itself)",
+        )
     parser.add_argument(
         "--tokens-file", type=Path, help="accepted bearer-token hashes, one 'sha256:<hex>' a line"
     )
@@ -112,16 +149,22 @@ def _gateway_options(parser: argparse.ArgumentParser, routes: bool = True) -> No
 
 def _run_service(args: argparse.Namespace) -> int:
     from services.servers.scaffold import ServiceSettings, serve_capability
+    from services.servers.service_auth import check_listen, load_service_tokens
 
     _quiet_logging(args)
     if args.compute_slots < 1:
         raise InputError(f"must be >= 1, got {args.compute_slots}", field="--compute-slots")
+    tokens = load_service_tokens(args.tokens_file)
+    check_listen(args.listen, tokens)
     settings = ServiceSettings(tuple(args.dicomweb), args.compute_slots, args.inference)
-    return serve_capability(args.capability, settings, args.listen, args.metrics_listen or None)
+    auth = {"tokens": tokens} if tokens is not None else {}
+    return serve_capability(args.capability, settings, args.listen, args.metrics_listen or None, **auth)
 
 
-def _parse_routes(values: list[str], option: str = "--route") -> dict[str, str]:
-    upstreams = dict(DEFAULT_UPSTREAMS)
+def _parse_routes(
+    values: list[str], option: str = "--route", defaults: dict[str, str] = DEFAULT_UPSTREAMS
+) -> dict[str, str]:
+    upstreams = dict(defaults)
     known = {r.name for r in ROUTES}
     for value in values:
         name, sep, address = value.partition("=")
@@ -133,7 +176,7 @@ def _parse_routes(values: list[str], option: str = "--route") -> dict[str, str]:
     return upstreams
 
 
-def _gateway_config(args: argparse.Namespace, upstreams: dict[str, str]):
+def _gateway_config(args: argparse.Namespace, upstreams: dict[str, str], upstream_token: str | None = None):
     from services.gateway.auth import TokenSet
     from services.gateway.core import Limits
     from services.gateway.server import GatewayConfig, TlsFiles, check_config
@@ -146,6 +189,7 @@ def _gateway_config(args: argparse.Namespace, upstreams: dict[str, str]):
         path = getattr(args, option)
         if path is not None and not path.is_file():
             raise InputError(f"not a file: {path}", field="--" + option.replace("_", "-"))
+    auth = {"upstream_token": upstream_token} if upstream_token is not None else {}
     config = GatewayConfig(
         grpc_listen=args.grpc_listen,
         http_listen=args.http_listen,
@@ -155,6 +199,7 @@ def _gateway_config(args: argparse.Namespace, upstreams: dict[str, str]):
         limits=Limits(
             max_in_flight=args.max_in_flight, max_queue=args.max_queue, default_deadline_s=args.deadline
         ),
+        **auth,
     )
     check_config(config)
     return config
@@ -162,9 +207,11 @@ def _gateway_config(args: argparse.Namespace, upstreams: dict[str, str]):
 
 def _run_gateway(args: argparse.Namespace) -> int:
     from services.gateway.server import run
+    from services.servers.service_auth import load_upstream_token
 
     _quiet_logging(args)
-    return run(_gateway_config(args, _parse_routes(args.route)))
+    upstream_token = load_upstream_token(args.upstream_token_file)
+    return run(_gateway_config(args, _parse_routes(args.route), upstream_token))
 
 
 def _run_token(args: argparse.Namespace) -> int:
@@ -184,71 +231,181 @@ def _quiet_logging(args: argparse.Namespace) -> None:
     warnings.simplefilter("ignore")
 
 
-def _child(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "services.cli.main", *argv], env=env)
+@dataclass
+class RestartBudget:
+    """When a dead child may start again: after an exponential back-off, and never more than
+    ``limit`` restarts in any ``window_s`` seconds. A child that stays up a whole window has its
+    budget back (its old restarts fall out of the window), so a service that crashes now and then is
+    restarted at once however long the stack runs, while one that crashes on start is retried ever
+    more slowly instead of in a tight loop — but retried: the stack never gives up on a service, and
+    the gateway keeps answering (UNAVAILABLE for that service) meanwhile."""
+
+    limit: int = 5
+    window_s: float = 60.0
+    base_delay_s: float = 0.5
+    max_delay_s: float = 10.0
+    restarts: deque[float] = field(default_factory=deque)
+
+    def next_start(self, now: float) -> float:
+        """The monotonic time at which a child that died at ``now`` may start again."""
+        while self.restarts and self.restarts[0] <= now - self.window_s:
+            self.restarts.popleft()
+        start = now + min(self.max_delay_s, self.base_delay_s * 2 ** len(self.restarts))
+        if len(self.restarts) >= self.limit:
+            start = max(start, self.restarts[-self.limit] + self.window_s)
+        return start
+
+    def exhausted(self) -> bool:
+        return len(self.restarts) >= self.limit
+
+    def record(self, when: float) -> None:
+        self.restarts.append(when)
+
+
+@dataclass
+class Child:
+    """One supervised ``wlcad`` child process: how to start it, and when to start it again."""
+
+    name: str
+    argv: list[str]
+    budget: RestartBudget
+    env: dict[str, str] | None = None
+    process: subprocess.Popen | None = None
+    start_at: float = 0.0
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", *self.argv],
+            env={**os.environ, **self.env} if self.env else None,
+        )
+        print(f"wlcad serve all: started {self.name} (pid {self.process.pid})", file=sys.stderr, flush=True)
+
+    def check(self, now: float) -> None:
+        """Notice a death (schedule the restart) or restart a child whose time has come."""
+        if self.process is not None and self.process.poll() is not None:
+            status = self.process.returncode
+            self.process = None
+            self.start_at = self.budget.next_start(now)
+            why = (
+                f"{self.budget.limit} restarts in {self.budget.window_s:g} s used up"
+                if self.budget.exhausted()
+                else "back-off"
+            )
+            print(
+                f"wlcad serve all: {self.name} exited ({status}); restarting in "
+                f"{self.start_at - now:.1f} s ({why})",
+                file=sys.stderr,
+                flush=True,
+            )
+        if self.process is None and now >= self.start_at:
+            self.budget.record(now)
+            self.start()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
 
 
 def _run_all(args: argparse.Namespace) -> int:
+    from services.api import codegen
+    from services.gateway.auth import new_token
+    from services.servers.service_auth import ENV_SERVICE_HASHES, ENV_UPSTREAM_TOKEN
+
     upstreams = _parse_routes(args.service_listen, "--service-listen")
-    _gateway_config(args, upstreams)  # refuse a bad configuration before starting anything
+    metrics = _parse_routes(
+        args.service_metrics_listen, "--service-metrics-listen", DEFAULT_METRICS_ADDRESSES
+    )
+    gateway_config = _gateway_config(args, upstreams)  # refuse a bad configuration before starting anything
+    if args.restart_limit < 1:
+        raise InputError(f"must be >= 1, got {args.restart_limit}", field="--restart-limit")
+    if args.restart_window <= 0:
+        raise InputError(f"must be > 0, got {args.restart_window}", field="--restart-window")
+    codegen.generate()  # once, here: children then find the generated code fresh instead of racing
+    # The services are as protected as the gateway: with gateway tokens, or on a non-loopback address,
+    # they accept only a token made for this run, which only the gateway is given.
+    service_env: dict[str, str] = {}
+    gateway_env: dict[str, str] = {}
+    if gateway_config.tokens is not None or not all(_loopback(a) for a in upstreams.values()):
+        token, digest = new_token()
+        service_env, gateway_env = {ENV_SERVICE_HASHES: digest}, {ENV_UPSTREAM_TOKEN: token}
+
+    def child(name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        return Child(name, argv, RestartBudget(args.restart_limit, args.restart_window), env)
+
     verbose = ["-v"] if args.verbose else []
-    children: dict[str, tuple[list[str], subprocess.Popen]] = {}
+    children: list[Child] = []
     inference: list[str] = []
     if args.backend == "triton":
         port = args.triton_grpc_port
         triton_argv = ["triton", "--grpc-port", str(port), "--http-port", str(port - 1)]
         triton_argv += ["--metrics-port", str(port + 1)]
-        children["triton"] = (triton_argv, _child(triton_argv))
+        children.append(child("triton", triton_argv))
         inference = ["--inference", f"triton://127.0.0.1:{port}"]
     for entry in CAPABILITIES:
         service_argv = [*verbose, "serve", entry.name, "--listen", upstreams[entry.name]]
-        service_argv += ["--metrics-listen", entry.default_metrics_address, *inference]
+        service_argv += ["--metrics-listen", metrics[entry.name], *inference]
         for url in args.dicomweb:
             service_argv += ["--dicomweb", url]
-        children[entry.name] = (service_argv, _child(service_argv))
-    gateway_argv = [*verbose, "serve", "gateway", "--grpc-listen", args.grpc_listen]
-    gateway_argv += ["--http-listen", args.http_listen]
-    for name, address in upstreams.items():
-        gateway_argv += ["--route", f"{name}={address}"]
-    for option in ("tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
-        if getattr(args, option) is not None:
-            gateway_argv += ["--" + option.replace("_", "-"), str(getattr(args, option))]
-    gateway_argv += ["--max-in-flight", str(args.max_in_flight), "--max-queue", str(args.max_queue)]
-    gateway_argv += ["--deadline", str(args.deadline)]
-    children["gateway"] = (gateway_argv, _child(gateway_argv))
+        children.append(child(entry.name, service_argv, service_env))
+    children.append(child("gateway", _gateway_argv(args, upstreams, verbose), gateway_env))
     services = ", ".join(f"{name} {address}" for name, address in upstreams.items())
     print(
         f"wlcad serve all: gateway gRPC {args.grpc_listen}, HTTP http://{args.http_listen} "
         f"({services}; backend {args.backend}); Ctrl-C stops",
         flush=True,
     )
+    return _supervise(children)
+
+
+def _loopback(address: str) -> bool:
+    from services.gateway.auth import is_loopback
+
+    return is_loopback(address.rpartition(":")[0])
+
+
+def _gateway_argv(args: argparse.Namespace, upstreams: dict[str, str], verbose: list[str]) -> list[str]:
+    argv = [
+        *verbose,
+        "serve",
+        "gateway",
+        "--grpc-listen",
+        args.grpc_listen,
+        "--http-listen",
+        args.http_listen,
+    ]
+    for name, address in upstreams.items():
+        argv += ["--route", f"{name}={address}"]
+    for option in ("tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
+        if getattr(args, option) is not None:
+            argv += ["--" + option.replace("_", "-"), str(getattr(args, option))]
+    argv += ["--max-in-flight", str(args.max_in_flight), "--max-queue", str(args.max_queue)]
+    return [*argv, "--deadline", str(args.deadline)]
+
+
+def _supervise(children: list[Child]) -> int:
+    """Keep every child running until SIGTERM/SIGINT, then stop them (the gateway first)."""
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
-    restarts = 0
+    for supervised in children:
+        supervised.start()
     try:
         while not stopping:
+            now = time.monotonic()
+            for supervised in children:
+                supervised.check(now)
             time.sleep(0.2)
-            for name, (argv, process) in list(children.items()):
-                if process.poll() is None or stopping:
-                    continue
-                if name == "gateway" or restarts >= 5:
-                    print(
-                        f"wlcad serve all: {name} exited with status {process.returncode}; stopping",
-                        file=sys.stderr,
-                    )
-                    return 1
-                restarts += 1
-                print(f"wlcad serve all: {name} exited ({process.returncode}); restarting", file=sys.stderr)
-                time.sleep(min(5.0, 0.5 * 2**restarts))
-                children[name] = (argv, _child(argv))
     finally:
-        for _, process in reversed(list(children.values())):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for _, process in children.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        for supervised in reversed(children):
+            supervised.stop()
+        for supervised in children:
+            supervised.wait()
     return 0
