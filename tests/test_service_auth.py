@@ -168,11 +168,6 @@ def test_interceptor_requires_the_token_except_for_health(guarded_server) -> Non
 # --- a real service process with tokens ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the lead's wiring: serve_capability(..., tokens=) → run_service(interceptors=...); "
-    "remove this marker once it passes",
-)
 def test_a_service_with_tokens_refuses_calls_without_one(tmp_path: Path) -> None:
     from services.api.pb import label_estimation_pb2_grpc as pb_grpc
     from tests.serving_support import estimate_request, small_volume, start_service, wait_serving

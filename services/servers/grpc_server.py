@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
@@ -142,17 +142,20 @@ def run_service(
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     on_stop: Callable[[], None] | None = None,
     readiness: Callable[[], bool] | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status.
 
     ``readiness`` (asked every ``READINESS_INTERVAL_S`` on a thread of its own): whether the
     backends the service needs answer; the health of ``service_name`` follows it and is NOT_SERVING
-    until its first True. Without it the service is ready as soon as it listens."""
+    until its first True. Without it the service is ready as soon as it listens. ``interceptors``:
+    e.g. the bearer-token check of a service reachable beyond loopback."""
     limit_malloc_arenas()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
         options=grpc_options(),
         maximum_concurrent_rpcs=max_concurrent,
+        interceptors=tuple(interceptors),
     )
     add_servicer(server)
     health_servicer = health.HealthServicer()

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -42,6 +42,9 @@ from services.inference.factory import BackendProbe, default_repository
 from services.inference.repository import ModelRepository
 from services.servers.grpc_server import parse_request
 from services.servers.observability import IN_FLIGHT, QUEUE_DEPTH, observe
+
+if TYPE_CHECKING:
+    from services.gateway.auth import TokenSet
 
 log = logging.getLogger("wlcad.serving")
 T = TypeVar("T")
@@ -363,12 +366,20 @@ def _receive_chunks(
     return received
 
 
-def serve_capability(name: str, settings: ServiceSettings, address: str, metrics_address: str | None) -> int:
-    """Run the service process of capability ``name`` until SIGTERM."""
+def serve_capability(
+    name: str,
+    settings: ServiceSettings,
+    address: str,
+    metrics_address: str | None,
+    tokens: TokenSet | None = None,
+) -> int:
+    """Run the service process of capability ``name`` until SIGTERM; with ``tokens``, every RPC
+    but health checks needs one of their bearer tokens (a service reachable beyond loopback)."""
     from google.protobuf import descriptor_pool
 
     from services.capabilities import capability
     from services.servers.grpc_server import run_service, servicer_handler
+    from services.servers.service_auth import ServiceAuthInterceptor
 
     removed = remove_stale_temp()  # request folders of a killed predecessor (SIGKILL skips cleanup)
     if removed:
@@ -389,4 +400,5 @@ def serve_capability(name: str, settings: ServiceSettings, address: str, metrics
         metrics_address,
         on_stop=stop,
         readiness=probe,
+        interceptors=(ServiceAuthInterceptor(tokens),) if tokens is not None else (),
     )
