@@ -64,10 +64,14 @@ class TokenSet:
     def check(self, authorization: str | None) -> bool:
         """True for ``Bearer <token>`` with an accepted token: one SHA-256 and one set lookup, so the
         cost does not grow with the number of tokens. Looking up the *digest* of the presented token
-        leaks nothing by timing: a caller cannot steer the digest towards a stored one."""
-        if not authorization or not authorization.startswith("Bearer "):
+        leaks nothing by timing: a caller cannot steer the digest towards a stored one.
+
+        The scheme is matched case-insensitively (RFC 7235 §2.1: ``bearer`` and ``BEARER`` are
+        ``Bearer``); everything else stays strict: one space after the scheme, a non-empty token."""
+        scheme, space, token = (authorization or "").partition(" ")
+        if not space or scheme.lower() != "bearer" or not token.strip():
             return False
-        return hashlib.sha256(authorization[7:].strip().encode()).digest() in self._digests
+        return hashlib.sha256(token.strip().encode()).digest() in self._digests
 
 
 def is_loopback(host: str) -> bool:

@@ -3,10 +3,17 @@
 Each binding decodes JSON into the RPC's request message, calls the gateway core (admission,
 deadline, retries, metrics — the same path as gRPC callers) and encodes the response back. Errors are
 ``{"code", "message"}`` with the HTTP status of the gRPC code; never a stack trace.
+
+A request's deadline starts when its endpoint starts, so reading the body counts against it (a
+body trickled in cannot hold a slot past the deadline). JSON endpoints take only
+``Content-Type: application/json`` (415 otherwise): a web page can send ``text/plain`` to a
+loopback gateway without a CORS preflight, but not JSON. Uploads are streamed
+(:mod:`services.gateway.http_upload`); connection-level bounds are in :mod:`services.gateway.http_limits`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -19,13 +26,17 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from google.protobuf import json_format, message_factory
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.datastructures import UploadFile
+from python_multipart.multipart import parse_options_header
+from starlette.requests import ClientDisconnect
 
 from services.api import limits
 from services.api.status import HTTP_STATUS
 from services.api.upload import UploadShape, method_upload_shape
+from services.core.work_budget import WorkBudget
 from services.gateway.auth import TokenSet
 from services.gateway.core import Gateway, GatewayError
+from services.gateway.http_limits import BodyPaceMiddleware, HttpRefusalError, refusal_response, too_large
+from services.gateway.http_upload import MAX_UPLOAD_BODY_BYTES, MultipartUpload, boundary_of, multipart_events
 from services.gateway.openapi import ERROR_SCHEMA, message_schema
 from services.gateway.routes import HttpBinding, Route
 
@@ -42,11 +53,12 @@ def error_response(code: grpc.StatusCode, message: str) -> JSONResponse:
 
 
 def failure_response(error: Exception) -> JSONResponse:
-    """Map any failure of an endpoint to its HTTP answer: status mapped, 413 for size, never a stack trace."""
+    """Map any failure of an endpoint to its HTTP answer: the gRPC code's status, or the refusal's own
+    (408, 413, 415); never a stack trace."""
+    if isinstance(error, HttpRefusalError):
+        return refusal_response(error)
     if isinstance(error, GatewayError):
         return error_response(error.code, error.message)
-    if isinstance(error, _TooLargeError):
-        return JSONResponse({"code": "INVALID_ARGUMENT", "message": str(error)}, status_code=413)
     return internal_error(error)
 
 
@@ -68,22 +80,54 @@ def _timeout(request: Request) -> float | None:
     return value
 
 
-async def _body(request: Request, limit: int) -> bytes:
+def _budget(request: Request, default_s: float) -> WorkBudget:
+    """The request's deadline from now: ``x-timeout-seconds``, at most the gateway's default."""
+    timeout = _timeout(request)
+    return WorkBudget.from_timeout(default_s if timeout is None else min(timeout, default_s))
+
+
+def _check_declared_size(request: Request, limit: int) -> None:
+    """413 before reading anything when the Content-Length already says too much."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLargeError(limit)
+        raise too_large("body", limit)
+
+
+def _require_json(request: Request) -> None:
+    if parse_options_header(request.headers.get("content-type"))[0] != b"application/json":
+        raise HttpRefusalError(
+            grpc.StatusCode.INVALID_ARGUMENT, "Content-Type: must be application/json", 415
+        )
+
+
+async def _chunks(request: Request, budget: WorkBudget) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive, each wait bounded by the request's deadline."""
+    stream = request.stream()
+    while True:
+        try:
+            async with asyncio.timeout(budget.remaining_s()):
+                chunk = await anext(stream, None)
+        except TimeoutError:
+            raise GatewayError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while reading the request body"
+            ) from None
+        except ClientDisconnect:
+            raise GatewayError(grpc.StatusCode.CANCELLED, "the caller went away") from None
+        if chunk is None:
+            return
+        if chunk:
+            yield chunk
+
+
+async def _body(request: Request, limit: int, budget: WorkBudget) -> bytes:
+    _check_declared_size(request, limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in _chunks(request, budget):
         size += len(chunk)
         if size > limit:
-            raise _TooLargeError(limit)
+            raise too_large("body", limit)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-class _TooLargeError(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the body is larger than {limit} bytes")
 
 
 def _parse_message(text: bytes | str, message_class, field: str):
@@ -123,12 +167,15 @@ class _Endpoints:
 
     async def _json_request(
         self, request: Request, binding: HttpBinding, request_class
-    ) -> tuple[bytes, float | None]:
-        """Authorise, read the deadline header and decode the JSON body: (serialised request, timeout)."""
+    ) -> tuple[bytes, float]:
+        """Authorise, start the deadline and decode the JSON body: (serialised request, seconds left)."""
         self._authorize(request)
-        timeout = _timeout(request)
-        body = b"" if binding.verb == "GET" else await _body(request, MAX_JSON_BYTES)
-        return _parse_message(body, request_class, "body").SerializeToString(), timeout
+        budget = _budget(request, self.gateway.limits.default_deadline_s)
+        body = b""
+        if binding.verb != "GET":
+            _require_json(request)
+            body = await _body(request, MAX_JSON_BYTES, budget)
+        return _parse_message(body, request_class, "body").SerializeToString(), budget.remaining_s()
 
     def unary(self, route: Route, binding: HttpBinding):
         request_class, response_class = _message_classes(route, binding)
@@ -144,50 +191,37 @@ class _Endpoints:
         return endpoint
 
     def upload(self, route: Route, binding: HttpBinding, shape: UploadShape):
+        """multipart/form-data → the upload RPC, streamed: the file's chunks are forwarded as they
+        arrive (see :mod:`services.gateway.http_upload`), within the request's deadline."""
         response_class = message_factory.GetMessageClass(route.method(binding.rpc).output_type)
         request_class = shape.request_class
 
         async def endpoint(request: Request) -> Response:
+            upload: MultipartUpload | None = None
             try:
                 self._authorize(request)
-                timeout = _timeout(request)
-                declared = request.headers.get("content-length")
-                if declared is not None and declared.isdigit() and int(declared) > limits.MAX_UPLOAD_BYTES:
-                    raise _TooLargeError(limits.MAX_UPLOAD_BYTES)
-                try:
-                    form = await request.form(max_files=1, max_fields=2, max_part_size=1024 * 1024)
-                except Exception as exc:  # malformed multipart: the client's fault
+                budget = _budget(request, self.gateway.limits.default_deadline_s)
+                boundary = boundary_of(request.headers.get("content-type"))
+                _check_declared_size(request, MAX_UPLOAD_BODY_BYTES)
+                upload = MultipartUpload(multipart_events(_chunks(request, budget), boundary))
+                text, filename = await upload.head()
+                first = _parse_message(text, request_class, "request")
+                image = getattr(first, shape.image_field.name)
+                if image.WhichOneof("source") is not None:
                     raise GatewayError(
                         grpc.StatusCode.INVALID_ARGUMENT,
-                        f"body: not valid multipart/form-data ({type(exc).__name__})",
-                    ) from exc
-                try:
-                    upload = form.get("file")
-                    if not isinstance(upload, UploadFile):
-                        raise GatewayError(
-                            grpc.StatusCode.INVALID_ARGUMENT, "file: give the image as a file part"
-                        )
-                    text = form.get("request", "{}")
-                    if not isinstance(text, str):
-                        raise GatewayError(
-                            grpc.StatusCode.INVALID_ARGUMENT, "request: must be a JSON text part"
-                        )
-                    first = _parse_message(text, request_class, "request")
-                    image = getattr(first, shape.image_field.name)
-                    if image.WhichOneof("source") is not None:
-                        raise GatewayError(
-                            grpc.StatusCode.INVALID_ARGUMENT,
-                            f"request.{shape.image_field.name}: the image is the file part; leave it out",
-                        )
-                    image.file.filename = (upload.filename or "")[:256]
-                    raw = await self.gateway.stream(
-                        route.service, binding.rpc, _file_messages(shape, first, upload), timeout
+                        f"request.{shape.image_field.name}: the image is the file part; leave it out",
                     )
-                finally:
-                    await form.close()
+                image.file.filename = filename[:256]
+                raw = await self.gateway.stream(
+                    route.service, binding.rpc, _file_messages(shape, first, upload), budget.remaining_s()
+                )
                 return JSONResponse(_to_json(response_class.FromString(raw)))
             except Exception as error:
                 return failure_response(error)
+            finally:
+                if upload is not None:
+                    await upload.aclose()
 
         return endpoint
 
@@ -224,14 +258,13 @@ class _Endpoints:
         return endpoint
 
 
-async def _file_messages(shape: UploadShape, first, upload: UploadFile) -> AsyncIterator[bytes]:
+async def _file_messages(shape: UploadShape, first, upload: MultipartUpload) -> AsyncIterator[bytes]:
+    """The upload RPC's messages: the request, then one chunk message per file chunk as it arrives.
+    A refusal while reading (413, a malformed or cut body, the deadline) is raised from here, so the
+    upstream stream is never half-closed and the service never takes a part for the whole."""
     yield shape.first_message(first)
-    sent = 0
-    while data := await upload.read(limits.MAX_CHUNK_BYTES):
-        sent += len(data)
-        if sent > limits.MAX_UPLOAD_BYTES:
-            break  # the service refuses the oversize stream with INVALID_ARGUMENT
-        yield shape.encode_chunk(data)
+    async for chunk in upload.file_chunks():
+        yield shape.encode_chunk(chunk)
 
 
 def build_app(gateway: Gateway, tokens: TokenSet | None = None) -> FastAPI:
@@ -240,6 +273,7 @@ def build_app(gateway: Gateway, tokens: TokenSet | None = None) -> FastAPI:
         version="v1",
         description="Weak-Label CADe: the HTTP/JSON face of the wlcad.v1 gRPC API (proto3 JSON mapping).",
     )
+    app.add_middleware(BodyPaceMiddleware)
     endpoints = _Endpoints(gateway, tokens)
     schemas: dict = {"Error": ERROR_SCHEMA}
     error_ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -268,7 +302,8 @@ def build_app(gateway: Gateway, tokens: TokenSet | None = None) -> FastAPI:
                                     "file": {"type": "string", "format": "binary"},
                                     "request": {
                                         "type": "string",
-                                        "description": f"JSON of {request_type.full_name} without image",
+                                        "description": f"JSON of {request_type.full_name} without image; "
+                                        "send it before the file part (the file is streamed on)",
                                     },
                                 },
                                 "required": ["file"],
@@ -334,8 +369,10 @@ def build_app(gateway: Gateway, tokens: TokenSet | None = None) -> FastAPI:
 _ERRORS = {
     400: "invalid argument (the message names the field)",
     401: "missing or invalid bearer token",
+    408: "the body did not arrive at the minimum pace",
     412: "failed precondition (e.g. a method whose model is not installed)",
-    413: "body too large",
+    413: "body too large (the message names the part: body, request or file)",
+    415: "wrong Content-Type (application/json; multipart/form-data for uploads)",
     429: "the gateway is at capacity",
     503: "a service is unavailable; retry later",
     504: "the deadline passed",
