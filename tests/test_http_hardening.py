@@ -410,6 +410,35 @@ def test_json_content_type_is_accepted(gateway, content_type):
     assert answer.status == 501, answer  # through to the upstream, which has no Estimate
 
 
+@pytest.mark.parametrize(
+    "browser_headers",
+    [
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+    ],
+    ids=["foreign-origin", "opaque-origin", "sec-fetch-cross-site"],
+)
+@pytest.mark.parametrize("path", ["/v1/labels:estimate", "/v1/labels:upload"])
+def test_requests_made_by_other_sites_pages_are_refused(gateway, upstream, path, browser_headers):
+    """A multipart POST needs no CORS preflight, so another site's page could make the reader's
+    browser upload to a token-less loopback gateway; browsers mark such requests, API clients don't."""
+    content_type = "application/json" if path.endswith("estimate") else FORM
+    answer = _post(gateway, path, REQUEST_JSON, {"Content-Type": content_type, **browser_headers})
+    assert answer.status == 403, answer
+    assert answer.json()["message"].startswith("Origin:")
+
+
+def test_the_gateways_own_pages_and_api_clients_are_not_refused(gateway):
+    same = _post(
+        gateway,
+        "/v1/labels:estimate",
+        REQUEST_JSON,
+        {"Content-Type": "application/json", "Origin": "http://127.0.0.1", "Sec-Fetch-Site": "same-origin"},
+    )
+    assert same.status == 501, same  # through to the upstream, which has no Estimate
+
+
 # --- read timeouts --------------------------------------------------------------------------------
 
 

@@ -54,9 +54,9 @@ def upload(
     """``POST /v1/labels:upload`` with the file and the request (lesions, method) as JSON."""
     options = json.dumps(json_format.MessageToDict(request, preserving_proto_field_name=True)).encode()
     body, content_type = multipart(
-        {
-            "file": (filename, content, "application/octet-stream"),
+        {  # the request first: the gateway streams the file on as it arrives
             "request": (None, options, "application/json"),
+            "file": (filename, content, "application/octet-stream"),
         }
     )
     headers = {"Content-Type": content_type}

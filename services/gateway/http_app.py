@@ -93,6 +93,27 @@ def _check_declared_size(request: Request, limit: int) -> None:
         raise too_large("body", limit)
 
 
+def _refuse_cross_site(request: Request) -> None:
+    """403 for a request a browser made on behalf of another site's page: a multipart POST is a CORS
+    "simple request" that any web page can send to a token-less gateway on the reader's own machine.
+    Browsers say so (``Sec-Fetch-Site``; ``Origin`` on every cross-origin POST); API clients such as
+    curl, the wlcad client and other services send neither, and the gateway serves no web pages."""
+    site = request.headers.get("sec-fetch-site", "").lower()
+    origin = request.headers.get("origin")
+    if site in ("cross-site", "same-site") or (origin is not None and not _same_origin(origin, request)):
+        raise HttpRefusalError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "Origin: requests from web pages of other sites are refused",
+            403,
+        )
+
+
+def _same_origin(origin: str, request: Request) -> bool:
+    """``Origin`` names this gateway (its Host header), e.g. the Swagger UI it serves at /docs."""
+    host = request.headers.get("host", "")
+    return origin.lower() in (f"http://{host}".lower(), f"https://{host}".lower())
+
+
 def _require_json(request: Request) -> None:
     if parse_options_header(request.headers.get("content-type"))[0] != b"application/json":
         raise HttpRefusalError(
@@ -162,6 +183,7 @@ class _Endpoints:
         self.tokens = tokens
 
     def _authorize(self, request: Request) -> None:
+        _refuse_cross_site(request)
         if self.tokens is not None and not self.tokens.check(request.headers.get("authorization")):
             raise GatewayError(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required")
 
