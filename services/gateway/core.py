@@ -12,14 +12,16 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.api import limits
 from services.gateway.routes import ROUTES, Route
+from services.servers.memory import trim_freed_memory
 from services.servers.observability import (
     IN_FLIGHT,
     QUEUE_DEPTH,
@@ -30,6 +32,7 @@ from services.servers.observability import (
 
 COMPONENT = "gateway"
 log = logging.getLogger("wlcad.gateway")
+T = TypeVar("T")
 
 
 class GatewayError(Exception):
@@ -53,7 +56,9 @@ class Limits:
 
 class Admission:
     """At most ``max_in_flight`` upstream calls at once and ``max_queue`` waiting; beyond that
-    RESOURCE_EXHAUSTED at once, so overload sheds instead of piling up memory and latency."""
+    RESOURCE_EXHAUSTED at once, so overload sheds instead of piling up memory and latency. A queued
+    call waits no longer than its deadline: waiting past it would only hand the upstream a call
+    whose caller has already given up."""
 
     def __init__(self, max_in_flight: int, max_queue: int) -> None:
         self._semaphore = asyncio.Semaphore(max_in_flight)
@@ -62,26 +67,36 @@ class Admission:
         self._in_flight = IN_FLIGHT.labels(COMPONENT)
         self._queue_depth = QUEUE_DEPTH.labels(COMPONENT)
 
-    async def __aenter__(self) -> None:
-        if self._semaphore.locked():
-            if self._waiting >= self._max_queue:
-                raise GatewayError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, "the gateway is at capacity; retry later"
-                )
-            self._waiting += 1
-            self._queue_depth.inc()
-            try:
-                await self._semaphore.acquire()
-            finally:
-                self._waiting -= 1
-                self._queue_depth.dec()
-        else:
-            await self._semaphore.acquire()
+    @contextlib.asynccontextmanager
+    async def slot(self, deadline: float) -> AsyncIterator[None]:
+        """Hold one slot for the block; ``deadline`` (``time.monotonic()``) bounds the wait for it."""
+        await self._acquire(deadline)
         self._in_flight.inc()
+        try:
+            yield
+        finally:
+            self._in_flight.dec()
+            self._semaphore.release()
 
-    async def __aexit__(self, *exc_info) -> None:
-        self._in_flight.dec()
-        self._semaphore.release()
+    async def _acquire(self, deadline: float) -> None:
+        if not self._semaphore.locked():
+            await self._semaphore.acquire()  # a free slot: returns without waiting
+            return
+        if self._waiting >= self._max_queue:
+            raise GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the gateway is at capacity; retry later")
+        self._waiting += 1
+        self._queue_depth.inc()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await self._semaphore.acquire()
+        except TimeoutError:
+            raise GatewayError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the deadline passed while the call waited for a gateway slot (the gateway is at capacity)",
+            ) from None
+        finally:
+            self._waiting -= 1
+            self._queue_depth.dec()
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -96,21 +111,108 @@ def channel_options() -> list[tuple[str, int]]:
     ]
 
 
-async def _forward(requests: AsyncIterator[bytes], call: grpc.aio.StreamUnaryCall) -> bytes:
-    """Write messages one by one; when the upstream has already answered (e.g. it refused the first
-    message), stop writing and return its status rather than a write error."""
-    upstream_open = True
-    async for message in requests:  # read the caller's stream to its end: leaving it half-read makes
-        if not upstream_open:  # grpc-core end the caller's RPC with INTERNAL instead of our status
-            continue
-        try:
-            await call.write(message)
-        except (asyncio.InvalidStateError, grpc.aio.UsageError, grpc.aio.AioRpcError):
-            upstream_open = False  # the upstream already answered; its status is raised below
-    if upstream_open:
+#: What grpc.aio reports in place of the upstream's status when a write fails as the call ends.
+_WRITE_RACE_DETAILS = "Internal error from Core"
+
+
+@dataclass
+class _UpstreamStatus:
+    """The status the upstream sent on a client-streaming call, kept as grpc.aio first reports it.
+
+    grpc.aio (grpcio 1.85; grpc/grpc#36066) replaces the status with INTERNAL "Internal error from
+    Core" when a write was in flight as the upstream ended the call, so an upload the upstream refused
+    with INVALID_ARGUMENT reached the caller as INTERNAL about one time in five (measured with an
+    upstream that refuses the first message). The call's done callbacks see every status as it is
+    set, before that overwrite, so the upstream's own one is kept here."""
+
+    code: grpc.StatusCode | None = None
+    details: str = ""
+
+    def watch(self, call: grpc.aio.Call) -> None:
+        call.add_done_callback(self._record)
+
+    def _record(self, call: grpc.aio.Call) -> None:
+        if self.code is not None and self.details != _WRITE_RACE_DETAILS:
+            return  # the first real status wins; a later INTERNAL is the write race
+        with contextlib.suppress(Exception):  # a done callback must never raise into grpc
+            code, details = _finished(call.code()), _finished(call.details())
+            if self.code is None or details != _WRITE_RACE_DETAILS:
+                self.code, self.details = code, details or ""
+
+    def error(self, error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+        """``error``, or the upstream's own status where grpc.aio replaced it."""
+        if (
+            error.code() == grpc.StatusCode.INTERNAL
+            and error.details() == _WRITE_RACE_DETAILS
+            and self.code not in (None, grpc.StatusCode.OK, grpc.StatusCode.INTERNAL)
+        ):
+            return grpc.aio.AioRpcError(
+                self.code, error.initial_metadata(), error.trailing_metadata(), self.details
+            )
+        return error
+
+
+def _finished(awaitable: Awaitable[T]) -> T:
+    """The value of an awaitable that completes without waiting (a finished call's code or details),
+    for a done callback, which cannot await."""
+    steps = awaitable.__await__()
+    try:
+        next(steps)
+    except StopIteration as done:
+        return done.value
+    steps.close()
+    raise RuntimeError("the call has not finished")
+
+
+async def _write_all(requests: AsyncIterator[bytes], call: grpc.aio.StreamUnaryCall) -> None:
+    """Forward the caller's messages one at a time: the next is read only once the upstream took
+    the previous (gRPC flow control), so a call holds at most one message in the gateway."""
+    try:
+        async for message in requests:
+            try:
+                await call.write(message)
+            except (asyncio.InvalidStateError, grpc.aio.UsageError, grpc.aio.AioRpcError):
+                return  # the upstream already answered; its status is the call's answer
         with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.UsageError, grpc.aio.AioRpcError):
             await call.done_writing()
-    return await call
+    finally:
+        close = getattr(requests, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _forward(requests: AsyncIterator[bytes], call: grpc.aio.StreamUnaryCall) -> bytes:
+    """The upstream's answer to the caller's stream, which is written in a task of its own.
+
+    The answer, not the end of the caller's stream, ends the call: an upstream that refuses the
+    first message is answered at once and the rest is never read, and a caller that stalls is ended
+    by the upstream call's deadline instead of holding its slot until it closes. Leaving the caller's
+    stream half-read does not turn the status into INTERNAL (an earlier comment here said so): a
+    grpcio (sync) caller got the upstream's INVALID_ARGUMENT 40 times in 40 while still writing; a
+    grpc.aio caller can still see INTERNAL, from the same bug of its own library as
+    :class:`_UpstreamStatus` works around. The writer is always stopped before returning, and the
+    upstream call cancelled if it is still running (the caller cancelled, or its stream failed)."""
+    status = _UpstreamStatus()
+    status.watch(call)
+    writer = asyncio.ensure_future(_write_all(requests, call))
+    answer = asyncio.ensure_future(_answer(call, status))
+    try:
+        done, _ = await asyncio.wait((writer, answer), return_when=asyncio.FIRST_COMPLETED)
+        if answer not in done:
+            writer.result()  # the caller's stream failed: raise that
+        return await answer
+    finally:
+        call.cancel()  # no-op once the upstream answered
+        writer.cancel()
+        answer.cancel()
+        await asyncio.gather(writer, answer, return_exceptions=True)
+
+
+async def _answer(call: grpc.aio.StreamUnaryCall, status: _UpstreamStatus) -> bytes:
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        raise status.error(error) from None
 
 
 @dataclass
@@ -132,10 +234,22 @@ class _Target:
 
 
 class Gateway:
-    """Routes calls to upstreams by address (``upstreams``: route name → host:port)."""
+    """Routes calls to upstreams by address (``upstreams``: route name → host:port).
 
-    def __init__(self, upstreams: Mapping[str, str], limits_: Limits | None = None) -> None:
+    ``upstream_token``: when set, every upstream call (health checks included) carries
+    ``authorization: Bearer <token>``, for services that require one (the gateway's own callers'
+    credentials are never passed on)."""
+
+    def __init__(
+        self,
+        upstreams: Mapping[str, str],
+        limits_: Limits | None = None,
+        upstream_token: str | None = None,
+    ) -> None:
         self.limits = limits_ or Limits()
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {upstream_token}"),) if upstream_token else ()
+        )
         self.routes = {route.service: route for route in ROUTES if route.name in upstreams}
         missing = [route.name for route in ROUTES if route.name not in upstreams]
         if missing:
@@ -147,6 +261,7 @@ class Gateway:
         self._admission = Admission(self.limits.max_in_flight, self.limits.max_queue)
         self.upstream_serving: dict[str, bool] = {route.name: False for route in self.routes.values()}
         self._targets: dict[tuple[str, str], _Target] = {}
+        self._streams = 0  # client-streaming calls in progress
 
     def _target(self, service: str, rpc: str) -> _Target:
         target = self._targets.get((service, rpc))
@@ -200,7 +315,7 @@ class Gateway:
         target = self._target(service, rpc)
         deadline = self._deadline(timeout_s)
         with _observed(target):
-            async with self._admission:
+            async with self._admission.slot(deadline):
                 attempt = 0
                 while True:
                     remaining = deadline - time.monotonic()
@@ -209,7 +324,7 @@ class Gateway:
                             grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed in the gateway"
                         )
                     try:
-                        response = await target.call(request, timeout=remaining)
+                        response = await target.call(request, timeout=remaining, metadata=self._metadata)
                         target.up.set(1)
                         return response
                     except grpc.aio.AioRpcError as error:
@@ -237,13 +352,15 @@ class Gateway:
         self, service: str, rpc: str, requests: AsyncIterator[bytes], timeout_s: float | None
     ) -> bytes:
         """A client-streaming call, forwarded message by message (never buffered whole, never retried:
-        the stream cannot be replayed; the caller retries on UNAVAILABLE)."""
+        the stream cannot be replayed; the caller retries on UNAVAILABLE). The deadline (the
+        gateway's when the caller gave none) bounds all of it, the wait for a slot and the reading
+        of the caller's stream included; the call ends when the upstream answers."""
         target = self._target(service, rpc)
         deadline = self._deadline(timeout_s)
-        with _observed(target):
-            async with self._admission:
+        with self._counted_stream(), _observed(target):
+            async with self._admission.slot(deadline):
                 remaining = deadline - time.monotonic()
-                call = target.call(timeout=max(0.001, remaining))
+                call = target.call(timeout=max(0.001, remaining), metadata=self._metadata)
                 try:
                     response = await _forward(requests, call)
                 except grpc.aio.AioRpcError as error:
@@ -252,6 +369,23 @@ class Gateway:
                     raise self._upstream_error(target.route, error) from None
                 target.up.set(1)
                 return response
+
+    @contextlib.contextmanager
+    def _counted_stream(self) -> Iterator[None]:
+        """Count a client-streaming call; when the last one ends, hand freed memory back.
+
+        Streamed messages (up to 4 MiB each, several per call in gRPC's buffers) are freed when a
+        call ends, but glibc keeps them: without this the gateway's RSS after rounds of cancelled
+        uploads stayed at the rounds' peak and climbed. Trimming only when no stream is left costs
+        2-8 ms per burst, not per call, and runs after the answer is handed to gRPC (``call_soon``);
+        under steady load the freed blocks are reused by the next calls instead."""
+        self._streams += 1
+        try:
+            yield
+        finally:
+            self._streams -= 1
+            if self._streams == 0:
+                asyncio.get_running_loop().call_soon(trim_freed_memory)
 
     async def server_stream(
         self, service: str, rpc: str, request: bytes, timeout_s: float | None
@@ -262,8 +396,10 @@ class Gateway:
         target = self._target(service, rpc)
         deadline = self._deadline(timeout_s)
         with _observed(target):
-            async with self._admission:
-                call = target.call(request, timeout=max(0.001, deadline - time.monotonic()))
+            async with self._admission.slot(deadline):
+                call = target.call(
+                    request, timeout=max(0.001, deadline - time.monotonic()), metadata=self._metadata
+                )
                 try:
                     async for message in call:
                         yield message
@@ -281,7 +417,11 @@ class Gateway:
         async def one(service: str, route: Route) -> None:
             stub = health_pb2_grpc.HealthStub(self._channels[service])
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+                reply = await stub.Check(
+                    health_pb2.HealthCheckRequest(service=service),
+                    timeout=timeout_s,
+                    metadata=self._metadata,
+                )
                 serving = reply.status == health_pb2.HealthCheckResponse.SERVING
             except grpc.aio.AioRpcError:
                 serving = False
