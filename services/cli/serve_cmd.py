@@ -99,6 +99,13 @@ def _service_options(parser: argparse.ArgumentParser, entry: Capability) -> None
     )
     parser.add_argument("--inference", default=None, help="embedded (default) or triton://host:port")
     parser.add_argument(
+        "--max-request-s",
+        type=float,
+        default=None,
+        help="longest a request may take, receiving included; the deadline of callers that give none "
+        "(default 600)",
+    )
+    parser.add_argument(
         "--tokens-file",
         type=Path,
         help="hashes of the tokens accepted from the gateway, one 'sha256:<hex>' a line (also "
@@ -156,9 +163,11 @@ def _run_service(args: argparse.Namespace) -> int:
         raise InputError(f"must be >= 1, got {args.compute_slots}", field="--compute-slots")
     tokens = load_service_tokens(args.tokens_file)
     check_listen(args.listen, tokens)
-    settings = ServiceSettings(tuple(args.dicomweb), args.compute_slots, args.inference)
-    auth = {"tokens": tokens} if tokens is not None else {}
-    return serve_capability(args.capability, settings, args.listen, args.metrics_listen or None, **auth)
+    limit = {} if args.max_request_s is None else {"max_request_s": args.max_request_s}
+    settings = ServiceSettings(tuple(args.dicomweb), args.compute_slots, args.inference, **limit)
+    return serve_capability(
+        args.capability, settings, args.listen, args.metrics_listen or None, tokens=tokens
+    )
 
 
 def _parse_routes(
@@ -189,7 +198,6 @@ def _gateway_config(args: argparse.Namespace, upstreams: dict[str, str], upstrea
         path = getattr(args, option)
         if path is not None and not path.is_file():
             raise InputError(f"not a file: {path}", field="--" + option.replace("_", "-"))
-    auth = {"upstream_token": upstream_token} if upstream_token is not None else {}
     config = GatewayConfig(
         grpc_listen=args.grpc_listen,
         http_listen=args.http_listen,
@@ -199,7 +207,7 @@ def _gateway_config(args: argparse.Namespace, upstreams: dict[str, str], upstrea
         limits=Limits(
             max_in_flight=args.max_in_flight, max_queue=args.max_queue, default_deadline_s=args.deadline
         ),
-        **auth,
+        upstream_token=upstream_token,
     )
     check_config(config)
     return config

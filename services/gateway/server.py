@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from services.gateway.auth import TokenSet, is_loopback
 from services.gateway.core import Gateway, Limits
 from services.gateway.grpc_proxy import AuthInterceptor, generic_handlers
 from services.gateway.http_app import build_app
+from services.gateway.http_limits import http_server_config
 from services.servers.grpc_server import grpc_options, split_address
 from services.servers.memory import limit_malloc_arenas
 
@@ -45,6 +45,7 @@ class GatewayConfig:
     tls: TlsFiles | None = None
     limits: Limits = field(default_factory=Limits)
     health_interval_s: float = 1.0
+    upstream_token: str | None = None  # sent to the services, which need one beyond loopback
 
 
 def check_config(config: GatewayConfig) -> None:
@@ -86,7 +87,7 @@ async def _watch_health(gateway: Gateway, servicer: health.aio.HealthServicer, i
 
 async def serve(config: GatewayConfig) -> int:
     check_config(config)
-    gateway = Gateway(config.upstreams, config.limits)
+    gateway = Gateway(config.upstreams, config.limits, upstream_token=config.upstream_token)
     interceptors = [AuthInterceptor(config.tokens)] if config.tokens else []
     server = grpc.aio.server(options=grpc_options(), interceptors=interceptors)
     server.add_generic_rpc_handlers(generic_handlers(gateway))
@@ -106,21 +107,7 @@ async def serve(config: GatewayConfig) -> int:
     watcher = asyncio.create_task(_watch_health(gateway, health_servicer, config.health_interval_s))
 
     host, port = split_address(config.http_listen)
-    tls = config.tls
-    http = uvicorn.Server(
-        uvicorn.Config(
-            build_app(gateway, config.tokens),
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=5,
-            ssl_certfile=str(tls.cert) if tls else None,
-            ssl_keyfile=str(tls.key) if tls else None,
-            ssl_ca_certs=str(tls.client_ca) if tls and tls.client_ca else None,
-            ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE,
-        )
-    )
+    http = uvicorn.Server(http_server_config(build_app(gateway, config.tokens), host, port, config.tls))
     log.warning(
         "gateway: gRPC on %s, HTTP on %s, routes %s", config.grpc_listen, config.http_listen, config.upstreams
     )
