@@ -188,6 +188,15 @@ def test_triton_killed_under_load_through_the_gateway(tmp_path: Path) -> None:
         assert {o.code for o in callers.outcomes} <= {"OK", "UNAVAILABLE"}  # never DEADLINE_EXCEEDED
         assert idle_after_s < 5.0, idle_after_s
         assert after == ["OK"] * len(after)
+        # The service answered UNAVAILABLE itself (after its Triton client's retries): the gateway
+        # passes that on at once instead of retrying the service, which is up.
+        retried = metric_value(
+            f"{stack.http_url}/metrics",
+            "wlcad_gateway_retries_total",
+            route="label-estimation",
+            method="Estimate",
+        )
+        assert retried == 0, retried
         print(
             f"\n{len(callers.outcomes)} calls; NOT_SERVING {not_ready_s:.2f} s after the kill; "
             f"unet while down: {len(down_unet)} UNAVAILABLE, slowest {max(o.end - o.start for o in down_unet):.2f} s "

@@ -33,6 +33,7 @@ from services.api.pb import label_estimation_pb2_grpc as pb_grpc
 from services.gateway.core import Gateway, GatewayError
 from tests.serving_support import (
     estimate_request,
+    metric_value,
     small_volume,
     start_gateway,
     start_service,
@@ -117,6 +118,17 @@ def test_a_caller_cancel_cancels_the_upstream_call_at_once(service, tmp_path):
     """Before: the gateway left the upstream call to be cancelled whenever Python collected it, so
     after ten uploads cancelled at once 1-3 stayed in the service (with their buffers) until the
     gateway's deadline (60 s by default). Now the upstream call is cancelled as the caller's ends."""
+
+    def service_count(code: str) -> float:
+        return metric_value(
+            service.metrics_url,
+            "wlcad_requests_total",
+            component="label-estimation",
+            method="EstimateUpload",
+            code=code,
+        )
+
+    refused_before, cancelled_before = service_count("INVALID_ARGUMENT"), service_count("CANCELLED")
     with _gateway(tmp_path, service.address) as (gateway, address, http_url):
         stub = pb_grpc.LabelEstimationStub(channel(address))
         _cancelled_uploads(stub, count=20, at_once=10)
@@ -128,6 +140,10 @@ def test_a_caller_cancel_cancels_the_upstream_call_at_once(service, tmp_path):
         assert _count(metrics, "EstimateUpload", "CANCELLED") == 20
         assert _count(metrics, "EstimateUpload", "INTERNAL") == 0
         assert "ERROR" not in Path(gateway.log).read_text()
+        # The service saw them as cancelled too, not as streams that ended short (INVALID_ARGUMENT):
+        # a cancelled upstream stream can end cleanly just before its cancel arrives.
+        assert service_count("INVALID_ARGUMENT") == refused_before
+        assert service_count("CANCELLED") - cancelled_before == 20
 
 
 def test_a_queued_call_waits_no_longer_than_its_deadline(service, tmp_path):

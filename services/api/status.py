@@ -15,6 +15,12 @@ from services.core.errors import InputError
 from services.core.work_budget import DeadlineExceededError, RequestCancelledError
 from services.inference.errors import InferenceError, InferenceUnavailableError
 
+#: Trailing metadata a wlcad service sets on every status it answers with. A gateway retries an
+#: idempotent call only when UNAVAILABLE came from the transport (service down, restarting); an
+#: UNAVAILABLE the service answered itself (its inference backend is down, after the backend
+#: client's own retries) is passed on at once with its message.
+ANSWERED_BY_SERVICE = "wlcad-answered-by"
+
 
 class PreconditionError(RuntimeError):
     """The request is well-formed but the service cannot serve it in its current state (e.g. a model

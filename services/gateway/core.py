@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.api import limits
+from services.api.status import ANSWERED_BY_SERVICE
 from services.gateway.routes import ROUTES, Route
 from services.servers.memory import trim_freed_memory
 from services.servers.observability import (
@@ -150,6 +151,12 @@ class _UpstreamStatus:
                 self.code, error.initial_metadata(), error.trailing_metadata(), self.details
             )
         return error
+
+
+def _answered(error: grpc.aio.AioRpcError) -> bool:
+    """Whether the upstream service itself answered with this status (its trailing metadata says
+    so), rather than the transport failing to reach it: only the latter is worth retrying here."""
+    return any(key == ANSWERED_BY_SERVICE for key, _ in error.trailing_metadata() or ())
 
 
 def _finished(awaitable: Awaitable[T]) -> T:
@@ -298,7 +305,7 @@ class Gateway:
     @staticmethod
     def _upstream_error(route: Route, error: grpc.aio.AioRpcError) -> GatewayError:
         code = error.code()
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if code == grpc.StatusCode.UNAVAILABLE and not _answered(error):
             return GatewayError(code, f"the {route.name} service is unavailable; retry later")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return GatewayError(code, f"the deadline passed before {route.name} answered")
@@ -328,11 +335,11 @@ class Gateway:
                         target.up.set(1)
                         return response
                     except grpc.aio.AioRpcError as error:
-                        unavailable = error.code() == grpc.StatusCode.UNAVAILABLE
-                        if unavailable:
+                        unreachable = error.code() == grpc.StatusCode.UNAVAILABLE and not _answered(error)
+                        if unreachable:
                             target.up.set(0)
                         if not (
-                            unavailable and target.retryable and attempt + 1 < self.limits.retry_attempts
+                            unreachable and target.retryable and attempt + 1 < self.limits.retry_attempts
                         ):
                             raise self._upstream_error(target.route, error) from None
                     backoff = min(
@@ -364,7 +371,7 @@ class Gateway:
                 try:
                     response = await _forward(requests, call)
                 except grpc.aio.AioRpcError as error:
-                    if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    if error.code() == grpc.StatusCode.UNAVAILABLE and not _answered(error):
                         target.up.set(0)
                     raise self._upstream_error(target.route, error) from None
                 target.up.set(1)
@@ -404,7 +411,7 @@ class Gateway:
                     async for message in call:
                         yield message
                 except grpc.aio.AioRpcError as error:
-                    if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    if error.code() == grpc.StatusCode.UNAVAILABLE and not _answered(error):
                         target.up.set(0)
                     raise self._upstream_error(target.route, error) from None
                 finally:

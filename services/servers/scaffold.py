@@ -26,7 +26,7 @@ from services.api import limits
 from services.api.convert import expected_bytes, volume_from_proto
 from services.api.pb import common_pb2
 from services.api.sources import remove_stale_temp, volume_from_file, volume_from_source
-from services.api.status import grpc_status
+from services.api.status import ANSWERED_BY_SERVICE, grpc_status
 from services.api.upload import UploadShape
 from services.core.errors import InputError
 from services.core.version import software_version
@@ -38,6 +38,7 @@ from services.core.work_budget import (
     checkpoint,
     scope,
 )
+from services.core.work_budget import current as current_budget
 from services.inference.factory import BackendProbe, default_repository
 from services.inference.repository import ModelRepository
 from services.servers.grpc_server import parse_request
@@ -186,6 +187,7 @@ class CapabilityServicer:
                 watchdog.cancel()
             IN_FLIGHT.labels(self.component).dec()
             observe(self.component, method, code.name, started)
+        context.set_trailing_metadata(((ANSWERED_BY_SERVICE, self.component),))
         context.abort(code, message)
         raise AssertionError("unreachable")  # context.abort raises
 
@@ -288,6 +290,7 @@ class CapabilityServicer:
         received = _receive_chunks(messages, shape, buffer, fixed=kind == "volume")
         if kind == "volume":
             if received != len(buffer):
+                _caller_left_within(_SHORT_STREAM_GRACE_S)
                 raise InputError(
                     f"the stream ended after {received} of {len(buffer)} bytes", field="chunk.data"
                 )
@@ -315,6 +318,23 @@ class _Slot:
 
     def __exit__(self, *exc_info) -> None:
         self._owner._slots.release()
+
+
+#: How long an upload that ended short waits to learn whether its caller cancelled: a gateway
+#: cancelling its upstream call can end the stream cleanly just before the cancel itself arrives.
+_SHORT_STREAM_GRACE_S = 0.02
+
+
+def _caller_left_within(seconds: float) -> None:
+    """Raise :class:`RequestCancelledError` if the current request's caller is gone, or goes within
+    ``seconds`` (a short stream is the caller's mistake only when the caller still waits)."""
+    budget = current_budget()
+    if budget is None:
+        return
+    end = time.monotonic() + seconds
+    while budget.is_active() and time.monotonic() < end:
+        time.sleep(0.002)
+    checkpoint("receiving the upload")
 
 
 def _volume_buffer(size: int) -> bytearray | memoryview:
