@@ -191,16 +191,20 @@ class _Upstream:
     every call's ``authorization`` metadata is recorded by method."""
 
     authorization: dict[str, list[str | None]] = field(default_factory=dict)
+    upload: object = None  # the EstimateUpload handler; _refuse_upload when None
 
     async def start(self) -> tuple[grpc.aio.Server, str]:
-        server = grpc.aio.server(interceptors=[_Recorder(self.authorization)])
+        server = grpc.aio.server(
+            interceptors=[_Recorder(self.authorization)],
+            options=[("grpc.max_receive_message_length", 64 << 20)],
+        )
         server.add_generic_rpc_handlers(
             [
                 grpc.method_handlers_generic_handler(
                     SERVICE,
                     {
                         "Estimate": grpc.unary_unary_rpc_method_handler(_estimate),
-                        "EstimateUpload": grpc.stream_unary_rpc_method_handler(_refuse_upload),
+                        "EstimateUpload": grpc.stream_unary_rpc_method_handler(self.upload or _refuse_upload),
                     },
                 )
             ]
@@ -234,12 +238,12 @@ async def _refuse_upload(requests, context) -> bytes:
 
 
 @contextmanager
-def _upstream_in_thread() -> Iterator[str]:
+def _upstream_in_thread(upload=None) -> Iterator[str]:
     """The stand-in upstream on its own event loop thread, for a gateway process to route to."""
     ready, box = threading.Event(), {}
 
     async def main() -> None:
-        server, box["address"] = await _Upstream().start()
+        server, box["address"] = await _Upstream(upload=upload).start()
         box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
         ready.set()
         await box["stop"].wait()
@@ -285,6 +289,55 @@ def test_an_upload_refused_at_its_first_message_gets_the_upstreams_status(tmp_pa
             assert pulled < messages, f"trial {trial}: the gateway read the whole refused stream"
         print(f"last refused upload: {pulled} of {messages} messages pulled from the caller")
         assert "ERROR" not in Path(gateway.log).read_text()
+
+
+async def _read_one_then_stall(requests, context) -> bytes:
+    async for _ in requests:
+        await asyncio.sleep(120)  # an upstream that stopped reading (overloaded, stuck)
+    return b""
+
+
+def test_a_stalled_upstream_makes_the_gateway_hold_only_a_few_messages_per_stream(tmp_path):
+    """Before: with gRPC's auto-tuned (BDP-probed) stream windows, an upstream that stopped reading let
+    the gateway pull ~70 × 4 MiB from each of 8 callers, and its RSS grew from 252 MiB to 2.4 GiB (the
+    chart's limit is 1 GiB). With a fixed window of one chunk message per stream, +126-142 MiB."""
+    callers, message = 8, b"\0" * (4 << 20)
+    with (
+        _upstream_in_thread(_read_one_then_stall) as upstream,
+        _gateway(tmp_path, upstream) as (
+            gateway,
+            address,
+            _,
+        ),
+    ):
+        upload = grpc.insecure_channel(address, [("grpc.max_send_message_length", 8 << 20)]).stream_unary(
+            UPLOAD_PATH
+        )
+        pulled = [0] * callers
+
+        def stream(index: int) -> Iterator[bytes]:
+            for _ in range(200):
+                pulled[index] += 1
+                yield message
+
+        start_rss = gateway.rss_bytes()
+        calls = [upload.future(stream(i), timeout=120) for i in range(callers)]
+        seen: list[list[int]] = []
+
+        def settled() -> bool | None:  # no caller got a message further for 2 s
+            seen.append(list(pulled))
+            return True if len(seen) > 40 and seen[-41] == seen[-1] else None
+
+        _until(settled, "the callers' streams stopped moving", budget_s=90)
+        grown_mib = (gateway.rss_bytes() - start_rss) >> 20
+        for call in calls:
+            call.cancel()
+        print(
+            f"a stalled upstream: messages pulled per caller {pulled} (4 MiB each); gateway RSS +{grown_mib} MiB"
+        )
+        # What the gateway holds, not what the callers' own channels buffer: 126-142 MiB measured
+        # for the 8 streams (2.1 GiB before).
+        assert grown_mib < 8 * 12 * 4, grown_mib
 
 
 def test_every_upstream_call_carries_the_gateways_token():

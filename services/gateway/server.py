@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.core.errors import InputError
 from services.gateway.auth import TokenSet, is_loopback
-from services.gateway.core import Gateway, Limits
+from services.gateway.core import STREAM_WINDOW_OPTIONS, Gateway, Limits
 from services.gateway.grpc_proxy import AuthInterceptor, generic_handlers
 from services.gateway.http_app import build_app
 from services.gateway.http_limits import http_server_config
@@ -89,7 +89,7 @@ async def serve(config: GatewayConfig) -> int:
     check_config(config)
     gateway = Gateway(config.upstreams, config.limits, upstream_token=config.upstream_token)
     interceptors = [AuthInterceptor(config.tokens)] if config.tokens else []
-    server = grpc.aio.server(options=grpc_options(), interceptors=interceptors)
+    server = grpc.aio.server(options=[*grpc_options(), *STREAM_WINDOW_OPTIONS], interceptors=interceptors)
     server.add_generic_rpc_handlers(generic_handlers(gateway))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
