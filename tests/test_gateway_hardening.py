@@ -51,6 +51,7 @@ UPLOAD_PATH = f"/{SERVICE}/EstimateUpload"
 class Service:
     address: str
     metrics_url: str
+    pid: int
 
     def in_flight(self) -> float:
         return _gauge(self.metrics_url, "wlcad_in_flight_requests", "label-estimation")
@@ -61,7 +62,7 @@ def service(tmp_path_factory) -> Iterator[Service]:
     process, address, metrics_url = start_service(tmp_path_factory.mktemp("hardening-service"))
     try:
         wait_serving(address)
-        yield Service(address, metrics_url)
+        yield Service(address, metrics_url, process.pid)
     finally:
         process.stop()
 
@@ -427,6 +428,7 @@ def test_gateway_memory_returns_after_rounds_of_cancelled_uploads(service, tmp_p
     with _gateway(tmp_path, service.address) as (gateway, address, http_url):
         stub = pb_grpc.LabelEstimationStub(channel(address))
         start = _status_kib(gateway.pid, "VmRSS")
+        service_figures = []
         figures = []
         for round_ in range(rounds):
             _cancelled_uploads(stub, per_round, at_once)
@@ -436,10 +438,16 @@ def test_gateway_memory_returns_after_rounds_of_cancelled_uploads(service, tmp_p
             )
             rss, peak = _status_kib(gateway.pid, "VmRSS"), _status_kib(gateway.pid, "VmHWM")
             figures.append((rss >> 10, peak >> 10))
+            _until(lambda: service.in_flight() == 0 or None, "the service ended the cancelled uploads")
+            service_figures.append(_status_kib(service.pid, "VmRSS") >> 10)
             assert rss - start <= 0.65 * (peak - start), (
                 f"round {round_}: RSS {figures} (start {start >> 10} MiB)"
             )
         print(f"gateway RSS start {start >> 10} MiB; per round (RSS, peak so far) MiB: {figures}")
+        print(f"service RSS per round {service_figures} MiB (peak {_status_kib(service.pid, 'VmHWM') >> 10})")
+        # Before: the cancelled uploads' buffers lived on in frames grpcio keeps in a reference
+        # cycle (802 → 954 → 1287 MiB); now they are freed with the request (246, 250, 244).
+        assert max(service_figures[1:]) <= 1.2 * service_figures[0], service_figures
         metrics = _metrics(http_url)
         assert _count(metrics, "EstimateUpload", "CANCELLED") == rounds * per_round
         assert _count(metrics, "EstimateUpload", "INTERNAL") == 0

@@ -61,11 +61,18 @@ class WorkBudget:
 
     def check(self, stage: str) -> None:
         """Raise when the caller left or the deadline passed; ``stage`` says what was being done."""
+        ended = self.ended(stage)
+        if ended is not None:
+            raise ended
+
+    def ended(self, stage: str) -> RequestCancelledError | DeadlineExceededError | None:
+        """Why the work must stop (not raised), or None while it may go on."""
         # The deadline first: gRPC also marks a call inactive when its deadline passes.
         if self.deadline_monotonic is not None and time.monotonic() >= self.deadline_monotonic:
-            raise DeadlineExceededError(stage)
+            return DeadlineExceededError(stage)
         if not self.is_active():
-            raise RequestCancelledError(stage)
+            return RequestCancelledError(stage)
+        return None
 
 
 _CURRENT: contextvars.ContextVar[WorkBudget | None] = contextvars.ContextVar(
