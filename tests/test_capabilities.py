@@ -97,11 +97,16 @@ def test_echo_over_grpc_unary_streaming_and_upload(echo_stack):
 def test_echo_over_http_json_ndjson_and_multipart(echo_stack, tmp_path):
     _, http_url, _ = echo_stack
     said = urllib.request.Request(
-        f"{http_url}/v1/echo:say", json.dumps({"text": "hello"}).encode(), method="POST"
+        f"{http_url}/v1/echo:say",
+        json.dumps({"text": "hello"}).encode(),
+        {"Content-Type": "application/json"},
+        method="POST",
     )
     with urllib.request.urlopen(said, timeout=30) as response:
         assert json.loads(response.read()) == {"text": "hello", "component": "echo"}
-    counted = urllib.request.Request(f"{http_url}/v1/echo:count", b'{"up_to": 3}', method="POST")
+    counted = urllib.request.Request(
+        f"{http_url}/v1/echo:count", b'{"up_to": 3}', {"Content-Type": "application/json"}, method="POST"
+    )
     with urllib.request.urlopen(counted, timeout=30) as response:
         assert response.headers["content-type"].startswith("application/x-ndjson")
         assert [json.loads(line)["value"] for line in response.read().splitlines()] == [1, 2, 3]
@@ -112,7 +117,10 @@ def test_echo_over_http_json_ndjson_and_multipart(echo_stack, tmp_path):
         assert json.loads(response.read()) == {"shape_xyz": [5, 4, 3], "sum": 60.0}
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(
-            urllib.request.Request(f"{http_url}/v1/echo:say", b"{}", method="POST"), timeout=30
+            urllib.request.Request(
+                f"{http_url}/v1/echo:say", b"{}", {"Content-Type": "application/json"}, method="POST"
+            ),
+            timeout=30,
         )
     assert refused.value.code == 400
     with urllib.request.urlopen(f"{http_url}/openapi.json", timeout=30) as response:
