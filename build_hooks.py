@@ -44,8 +44,7 @@ def generate_into(out_dir: Path) -> list[Path]:
     """Run ``codegen.generate()`` with its output folder pointed at ``out_dir``; copy the protos beside."""
     codegen = load_codegen()
     shutil.rmtree(out_dir, ignore_errors=True)  # a proto removed since the last build leaves no module
-    codegen.OUT_DIR = out_dir
-    generated = codegen.generate()
+    generated = codegen.generate(out_dir=out_dir, force=True)
     shipped = []
     for proto in codegen.proto_files():
         destination = out_dir / proto.relative_to(codegen.PROTO_ROOT)
