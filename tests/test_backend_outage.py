@@ -117,6 +117,18 @@ class Callers:
                 pytest.fail(f"fewer than {count} calls {what} within {WAIT_S:g} s")
 
 
+def _until_idle(stack, what: str) -> None:
+    """Until the service has no request in flight (the bound is generous: only a hang runs it out)."""
+    until(
+        lambda: (
+            metric_value(stack.metrics_url, "wlcad_in_flight_requests", component="label-estimation") == 0
+            or None
+        ),
+        what,
+        WAIT_S,
+    )
+
+
 def test_triton_killed_under_load_through_the_gateway(tmp_path: Path) -> None:
     repository = ModelRepository(default_repository())
     if MODEL_NAME not in repository.model_names():
@@ -164,14 +176,7 @@ def test_triton_killed_under_load_through_the_gateway(tmp_path: Path) -> None:
                 callers.stop.set()
         stopped_at = time.monotonic()  # every caller has its answer
         # Nothing keeps working for a caller that has its answer: no retries past the deadline.
-        until(
-            lambda: (
-                metric_value(stack.metrics_url, "wlcad_in_flight_requests", component="label-estimation") == 0
-                or None
-            ),
-            "requests in flight after the callers left",
-            WAIT_S,
-        )
+        _until_idle(stack, "requests in flight after the callers left")
         idle_after_s = time.monotonic() - stopped_at
         assert _health(stack.service_address, SERVICE) == "NOT_SERVING"
         restarted_at = time.monotonic()
@@ -233,14 +238,7 @@ def test_hung_triton_holds_no_work_past_the_callers_deadline(tmp_path: Path) -> 
             code = hung.result(timeout=WAIT_S)
         answered_s = time.monotonic() - started
         returned_at = time.monotonic()
-        until(
-            lambda: (
-                metric_value(stack.metrics_url, "wlcad_in_flight_requests", component="label-estimation") == 0
-                or None
-            ),
-            "requests in flight after the caller had its answer",
-            WAIT_S,
-        )
+        _until_idle(stack, "requests in flight after the caller had its answer")
         idle_after_s = time.monotonic() - returned_at
         assert code == "DEADLINE_EXCEEDED", code  # reached but silent: not UNAVAILABLE
         assert spheres == ["OK"] * 3

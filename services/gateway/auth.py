@@ -73,6 +73,10 @@ class TokenSet:
             return False
         return hashlib.sha256(token.strip().encode()).digest() in self._digests
 
+    def check_metadata(self, metadata) -> bool:
+        """:meth:`check` on the ``authorization`` entry of a gRPC call's invocation metadata."""
+        return self.check(next((value for key, value in metadata or () if key == "authorization"), None))
+
 
 def is_loopback(host: str) -> bool:
     if host in ("localhost", "ip6-localhost"):

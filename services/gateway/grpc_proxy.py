@@ -102,15 +102,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         if handler_call_details.method.startswith(_UNAUTHENTICATED_PREFIXES):
             return await continuation(handler_call_details)
-        authorization = next(
-            (
-                value
-                for key, value in handler_call_details.invocation_metadata or ()
-                if key == "authorization"
-            ),
-            None,
-        )
-        if self._tokens.check(authorization):
+        if self._tokens.check_metadata(handler_call_details.invocation_metadata):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         return _refusing(handler)

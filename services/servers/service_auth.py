@@ -87,15 +87,7 @@ class ServiceAuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(_UNAUTHENTICATED_PREFIX):
             return handler
-        authorization = next(
-            (
-                value
-                for key, value in handler_call_details.invocation_metadata or ()
-                if key == "authorization"
-            ),
-            None,
-        )
-        if self._tokens.check(authorization):
+        if self._tokens.check_metadata(handler_call_details.invocation_metadata):
             return handler
         return _refusing(handler)
 
