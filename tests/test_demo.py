@@ -195,3 +195,44 @@ def test_the_demo_checks_transport_but_outlines_nothing_on_a_normal_brain(tmp_pa
     assert written == {"brain-t1-nifti/overview.png"}  # no mask, no SEG, no report
     picture = np.asarray(Image.open(tmp_path / "brain-t1-nifti" / "overview.png").convert("RGB"))
     assert not _coloured(picture, ESTIMATE).any() and not _coloured(picture, REFERENCE).any()
+
+
+def test_the_main_job_runs_end_to_end_against_real_servers(plan, tmp_path: Path) -> None:
+    """``make run``'s demo against a real service and gateway (the same ``wlcad serve`` processes):
+    every phantom task gets a Dice per method and the summary is written. Guards the main job as a
+    whole; it once failed only at its end (a local name shadowing the Dice function)."""
+    import subprocess
+    import sys
+
+    from tests.serving_support import REPO_ROOT, start_stack
+
+    stack = start_stack(tmp_path / "logs")
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "services.cli.main",
+                "demo",
+                "--out",
+                str(tmp_path / "out"),
+                "--address",
+                stack.grpc_address,
+                "--http",
+                stack.http_url,
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    finally:
+        stack.stop()
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for task in ("chest-ct-nodule", "brain-mr-metastasis", "cxr-mass"):
+        scores = {key: value for key, value in summary["dice"].items() if key.startswith(f"{task}/")}
+        assert f"{task}/sphere" in scores and all(0.0 < value <= 1.0 for value in scores.values()), summary[
+            "dice"
+        ]
+    assert "brain-mr-metastasis/dose 50%" in summary["dice"]

@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
         "methods": methods,
         "skipped": {m.name: m.reason for m in description.methods if not m.available},
     }
-    dice, qc_passed = _run_phantoms(client, args, methods, out)
+    scores, qc_passed = _run_phantoms(client, args, methods, out)
 
     print("\nreal samples:")
     summary["real_samples"] = {}
@@ -401,14 +401,14 @@ def run(args: argparse.Namespace) -> int:
     for task in PHANTOM_TASKS:
         cells = []
         for method in columns:
-            values = dice.get((task, method))
+            values = scores.get((task, method))
             cells.append(f"{np.mean(values):9.3f} (n={len(values)})" if values else f"{'—':>15s}")
         print(f"  {task:22s}" + "".join(f"{c:>15s}" for c in cells))
     liver = summary["real_samples"].get("liver-mr-overlay", {}).get("dice_vs_overlay", {})
     if liver:
         cells = "  ".join(f"{m} {np.mean(v):.3f}" for m, v in liver.items())
         print(f"Dice against the DICOM-overlay outline (real liver MR, 1 lesion): {cells}")
-    summary["dice"] = {f"{t}/{m}": round(float(np.mean(v)), 4) for (t, m), v in dice.items()}
+    summary["dice"] = {f"{t}/{m}": round(float(np.mean(v)), 4) for (t, m), v in scores.items()}
     summary["qc_passed_phantoms"] = {m: f"{sum(v)}/{len(v)}" for m, v in qc_passed.items()}
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -425,7 +425,7 @@ def _run_phantoms(client, args, methods: list[str], out: Path):
     from services.core.io import read_image
     from services.label_estimation.wire import estimates_from_proto
 
-    dice: dict[tuple[str, str], list[float]] = defaultdict(list)
+    scores: dict[tuple[str, str], list[float]] = defaultdict(list)
     qc_passed: dict[str, list[bool]] = defaultdict(list)
     for task, folder, rows in _phantom_cases(out, args.cases, args.seed):
         case_id = rows[0]["case_id"]
@@ -449,7 +449,7 @@ def _run_phantoms(client, args, methods: list[str], out: Path):
             for estimate in estimates:
                 score = dice(estimate.mask.full(), truth == estimate.lesion_id)
                 passed, _ = _qc_and_diameter(estimate)
-                dice[(task, method)].append(score)
+                scores[(task, method)].append(score)
                 qc_passed[method].append(passed)
                 captions[estimate.lesion_id] = f"{method}: Dice {score:.2f} vs exact truth"
             folder_out = out / case_id / method
@@ -470,8 +470,8 @@ def _run_phantoms(client, args, methods: list[str], out: Path):
         rtdose = next((r.get("rtdose") for r in rows if r.get("rtdose")), None)
         if rtdose:
             dose_dice = _dose_case(client, image, truth, folder / rtdose, rows, out / case_id / "dose")
-            dice[(task, "dose 50%")].extend(dose_dice)
-    return dice, qc_passed
+            scores[(task, "dose 50%")].extend(dose_dice)
+    return scores, qc_passed
 
 
 def _dose_case(client, image, truth, rtdose: Path, rows: list[dict], folder: Path) -> list[float]:
