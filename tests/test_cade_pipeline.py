@@ -141,6 +141,26 @@ def test_tiling_equals_the_whole_image_away_from_borders(toy_net):
     assert max(toy_net.batches[:-1]) <= 5 and len(toy_net.batches) > 2
 
 
+def test_tiling_through_the_inference_backend_matches_onnxruntime(toy_net, tmp_path):
+    """The serving path: a fixed-size (16³) model in a Triton-layout repository, run by the embedded
+    backend in batches of its max_batch_size, gives the tiles onnxruntime gives."""
+    from services.inference.backend import BlockingBackend
+    from services.inference.embedded import EmbeddedBackend
+    from services.inference.export import register_onnx_model
+    from services.inference.repository import ModelRepository
+    from services.inference.toy_model import toy_onnx
+
+    card = {"command": "test", "data_manifest": "none", "seed": 0, "git_commit": "0" * 40}
+    register_onnx_model(tmp_path, "cade_toy", toy_onnx(16), metrics={}, max_batch_size=4, **card)
+    image = np.random.default_rng(6).standard_normal((30, 40, 35)).astype(np.float32)
+    spec = TilingSpec(tile=(16, 16, 16), overlap=0.5, max_batch=4)
+    with BlockingBackend(lambda: EmbeddedBackend(ModelRepository(tmp_path))) as backend:
+        served = sliding_window(
+            image, lambda b: backend.infer("cade_toy", {"image": b}, ["probability"])["probability"], spec
+        )
+    np.testing.assert_allclose(served, sliding_window(image, toy_net, spec), atol=1e-5)
+
+
 def test_tiling_in_2d_equals_the_whole_image():
     def box_filter(batch: np.ndarray) -> np.ndarray:  # a translation-equivariant "2D net"
         assert batch.ndim == 4 and batch.dtype == np.float32
