@@ -14,7 +14,7 @@ an abandoned or expired request stops after at most one batch.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,10 +22,8 @@ import numpy as np
 
 from services.core.errors import InputError
 from services.core.work_budget import checkpoint
+from services.inference.backend import InferFunction
 from services.inference.errors import InferenceError
-
-#: ``infer(batch)``: float32 (n, 1, *tile) → logits of the same shape.
-InferFunction = Callable[[np.ndarray], np.ndarray]
 
 Blend = Literal["gaussian", "constant"]
 

@@ -11,12 +11,17 @@ import abc
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from services.core.work_budget import checkpoint
 from services.inference.signature import ModelSignature
+
+#: A one-input, one-output network bound to a backend: ``infer(batch)`` takes float32 (n, 1, ...)
+#: and returns logits of the same shape. What the pipelines (label U-Net, CADe tiling) call, so they
+#: never see which backend runs the model.
+InferFunction = Callable[[np.ndarray], np.ndarray]
 
 #: How often a blocked caller looks whether its request was cancelled (the bound on how long an
 #: abandoned request keeps waiting for the backend).

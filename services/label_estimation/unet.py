@@ -7,7 +7,7 @@ Trained on several lesion types with intensity inversion and gamma among its aug
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,15 +17,13 @@ from services.core.lesion_mask import LesionMask
 from services.core.lesion_prompt import LesionPrompt
 from services.core.volume import Volume
 from services.core.work_budget import checkpoint
+from services.inference.backend import InferFunction
 from services.label_estimation.voi import Voi, extract_voi, probability_to_image
 
 MODEL_NAME = "label_unet3d"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 PROBABILITY_THRESHOLD = 0.5
-
-#: ``infer(batch)``: float32 (n, 1, s, s, s) → logits of the same shape. Bound to a backend by the caller.
-InferFunction = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
