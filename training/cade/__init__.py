@@ -1,0 +1,1 @@
+"""Training of the CADe detectors (``cade_<task>`` models): phantoms → working frame → patches → ONNX."""

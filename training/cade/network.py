@@ -1,0 +1,49 @@
+"""The detector network: a small MONAI U-Net emitting one logit per voxel (the lesion heatmap).
+
+2D or 3D from the task's frame, so ``cxr-mass`` uses the same code with ``dims=2``. Exported to ONNX
+with the tensor names serving binds (``image`` → ``logits``), input (n, 1, *tile) with a dynamic
+batch and the tile fixed, which is what :mod:`services.cade.tiling` feeds it.
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from monai.networks.nets import UNet
+
+from services.label_estimation.unet import INPUT_NAME, OUTPUT_NAME
+
+CHANNELS = (16, 32, 64, 128)
+
+
+def build_network(dims: int, channels: tuple[int, ...] = CHANNELS) -> torch.nn.Module:
+    """A residual U-Net; ``len(channels) - 1`` stride-2 levels, so tiles must divide by 2**that."""
+    return UNet(
+        spatial_dims=dims,
+        in_channels=1,
+        out_channels=1,
+        channels=channels,
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=1,
+        norm="instance",
+        dropout=0.0,
+    )
+
+
+def export_onnx(network: torch.nn.Module, tile: tuple[int, ...]) -> bytes:
+    """ONNX bytes: input ``image`` (batch, 1, *tile) float32, output ``logits`` of the same shape."""
+    network = network.eval().cpu()
+    example = torch.zeros(1, 1, *tile)
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        network,
+        (example,),
+        buffer,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    return buffer.getvalue()

@@ -1,0 +1,340 @@
+"""Train a CADe detector on phantom cases: one command from seeds to a model-repository folder.
+
+``train_cade(task, settings)`` writes the task's phantom splits (seeds from
+:mod:`training.cade.tasks`), brings the training cases to the working frame
+(:mod:`training.cade.samples`), samples patches with MONAI's ``RandCropByPosNegLabeld`` (half the
+patches centred on a lesion voxel, half anywhere else, so the rare lesion voxels are seen often and
+the hard background too), fits a small U-Net with Dice + BCE on the sphere target, exports ONNX and
+registers it as ``<repository>/cade_<task>/<version>/`` with config.pbtxt and a card. With
+``test_cases`` it also runs the served detector (:class:`services.cade.pipeline.Detector` on
+onnxruntime) over held-out test seeds and writes the FROC into the card.
+
+    python -m training.cade.train --task chest-ct-nodule --out runs/cade --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, SpatialPadd
+
+from services.core.errors import InputError
+from services.inference.export import register_onnx_model
+from training.cade.network import CHANNELS, build_network, export_onnx
+from training.cade.samples import TARGETS, Target, WorkingCase, phantom_split, working_cases
+from training.cade.tasks import CadeTask, get_task
+
+#: A loss is recorded per step; the card reports the mean of the last this-many.
+FINAL_LOSS_WINDOW = 50
+
+
+@dataclass
+class CadeTrainingSettings:
+    """Everything a run depends on (recorded in training.json). CPU-friendly defaults: 2 threads."""
+
+    out: Path = Path("runs/cade")
+    cases: int = 40
+    test_cases: int = 0
+    hybrid_test_cases: int = 0
+    size_xyz: tuple[int, int, int] | None = None
+    target: Target = "sphere"
+    steps: int = 600
+    batch_size: int = 4
+    learning_rate: float = 2e-3
+    seed: int = 0
+    channels: tuple[int, ...] = CHANNELS
+    threads: int = 2
+    device: str = "cpu"
+    #: Where the model is registered; None → ``out/model_repository`` (never the shipped one by default).
+    repository: Path | None = None
+    command: str = ""
+    progress: bool = True
+
+    def check(self) -> None:
+        for name in ("cases", "steps", "batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise InputError(f"must be ≥ 1, got {getattr(self, name)}", field=name)
+        for name in ("test_cases", "hybrid_test_cases"):
+            if getattr(self, name) < 0:
+                raise InputError(f"must be ≥ 0, got {getattr(self, name)}", field=name)
+        if self.target not in TARGETS:
+            raise InputError(f"choose from {', '.join(TARGETS)}, got {self.target!r}", field="target")
+        if not self.learning_rate > 0:
+            raise InputError("must be > 0", field="learning_rate")
+
+
+@dataclass
+class CadeTrainingResult:
+    """What a run produced: the registered ONNX, its card's metrics, the loss per step."""
+
+    task: str
+    onnx: Path
+    model_version: str
+    training_json: Path
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def patch_transforms(task: CadeTask, seed: int) -> Compose:
+    """Pad to a tile (with the air value 0, as serving pads), crop one tile around a lesion voxel or a
+    background voxel with equal odds, flip along every axis (no side or end of a chest is special)."""
+    keys = ["image", "label"]
+    spatial_axes = list(range(task.dims))
+    transforms = Compose(
+        [
+            SpatialPadd(keys, spatial_size=task.tile, mode="constant"),
+            RandCropByPosNegLabeld(
+                keys, label_key="label", spatial_size=task.tile, pos=1.0, neg=1.0, num_samples=1
+            ),
+            *[RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in spatial_axes],
+        ]
+    )
+    transforms.set_random_state(seed=seed)
+    return transforms
+
+
+class PatchSampler:
+    """Seeded batches of (image, label) patches drawn from cases chosen uniformly."""
+
+    def __init__(self, task: CadeTask, cases: Sequence[WorkingCase], seed: int) -> None:
+        if not cases:
+            raise InputError("no training cases", field="cases")
+        self.cases = list(cases)
+        self.rng = np.random.default_rng(seed)
+        self.transforms = patch_transforms(task, seed)
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = [], []
+        for row in self.rng.integers(len(self.cases), size=size):
+            case = self.cases[int(row)]
+            patch = self.transforms(
+                {"image": torch.as_tensor(case.image), "label": torch.as_tensor(case.label)}
+            )[0]
+            images.append(torch.as_tensor(patch["image"]).float())
+            labels.append((torch.as_tensor(patch["label"]) > 0).float())
+        return torch.stack(images), torch.stack(labels)
+
+
+def fit(
+    task: CadeTask,
+    cases: Sequence[WorkingCase],
+    settings: CadeTrainingSettings,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[torch.nn.Module, list[float], float]:
+    """The training loop: AdamW, one-cycle schedule (constant for a smoke run), Dice + BCE over the batch
+    (``batch=True``: a patch without lesion has no Dice of its own, the batch does)."""
+    torch.manual_seed(settings.seed)
+    torch.set_num_threads(settings.threads)
+    device = torch.device(settings.device)
+    network = build_network(task.dims, settings.channels).to(device)
+    optimiser = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
+    schedule = (
+        torch.optim.lr_scheduler.OneCycleLR(
+            optimiser, max_lr=settings.learning_rate, total_steps=settings.steps, pct_start=0.1
+        )
+        if settings.steps >= 20
+        else None
+    )
+    loss_function = DiceCELoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    sampler = PatchSampler(task, cases, settings.seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    network.train()
+    for step in range(settings.steps):
+        images, labels = (t.to(device) for t in sampler.batch(settings.batch_size))
+        optimiser.zero_grad(set_to_none=True)
+        loss = loss_function(network(images), labels)
+        loss.backward()
+        optimiser.step()
+        if schedule is not None:
+            schedule.step()
+        losses.append(float(loss.detach()))
+        if on_step:
+            on_step(step, losses[-1])
+    return network.eval(), losses, time.perf_counter() - start
+
+
+def data_description(task: CadeTask, settings: CadeTrainingSettings) -> str:
+    """The card's data line: every split's seed and size, so the test set's seeds are on record."""
+    size = "default size" if settings.size_xyz is None else "size {}×{}×{}".format(*settings.size_xyz)
+    seeds = task.seeds
+    return (
+        f"{task.name} phantoms ({size}), {settings.target} targets: train seed {seeds.train} × {settings.cases} "
+        f"cases; held out: validation seed {seeds.validation}, test seed {seeds.test}"
+        f" × {settings.test_cases} cases, hybrid-test seed {seeds.hybrid_test}"
+        f" × {settings.hybrid_test_cases} cases (real {task.name} sample background)"
+    )
+
+
+def frame_metrics(task: CadeTask) -> dict[str, float]:
+    """The working frame and intensity scale the model was trained in: serving must use the same."""
+    metrics: dict[str, float] = {"frame_dims": float(task.dims)}
+    if task.frame.spacing_mm is not None:
+        metrics["frame_spacing_mm"] = float(task.frame.spacing_mm)
+    if task.frame.long_side is not None:
+        metrics["frame_long_side"] = float(task.frame.long_side)
+    metrics["intensity_low"] = float(task.intensity.low)
+    metrics["intensity_high"] = float(task.intensity.high)
+    for axis, size in zip("zyx"[-task.dims :], task.tile, strict=True):
+        metrics[f"tile_{axis}"] = float(size)
+    return metrics
+
+
+def describe(task: CadeTask, settings: CadeTrainingSettings) -> str:
+    layout = ",".join("zyx"[-task.dims :])
+    frame = (
+        f"{task.frame.spacing_mm} mm isotropic" if task.dims == 3 else f"long side {task.frame.long_side} px"
+    )
+    return (
+        f"CADe heatmap detector for {task.name}: MONAI UNet (channels {list(settings.channels)}) trained on "
+        f"{settings.target} labels from lesion centre + max diameter; working frame {frame}, intensity "
+        f"{task.intensity.kind} [{task.intensity.low}, {task.intensity.high}] → [0, 1]; input 'image' "
+        f"(n,1,{layout}) = (n,1,{','.join(map(str, task.tile))}), output 'logits' of the same shape."
+    )
+
+
+def _progress_bar(settings: CadeTrainingSettings):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=settings.steps, unit="step", file=sys.stderr, disable=None if settings.progress else True
+    )
+
+
+def train_cade(task: CadeTask | str, settings: CadeTrainingSettings) -> CadeTrainingResult:
+    """Phantoms → working frame → patches → U-Net → ONNX → ``cade_<task>/<version>/`` with its card."""
+    task = get_task(task) if isinstance(task, str) else task
+    settings.check()
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_manifest = phantom_split(task, "train", settings.cases, out / "data", settings.size_xyz)
+    cases = working_cases(task, train_manifest, settings.target)
+    with _progress_bar(settings) as bar:
+
+        def on_step(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        network, losses, seconds = fit(task, cases, settings, on_step)
+    onnx = export_onnx(network, task.tile)
+    (out / "model.onnx").write_bytes(onnx)
+    window = losses[-FINAL_LOSS_WINDOW:]
+    metrics = {
+        "training_final_loss": round(float(np.mean(window)), 4),
+        "training_first_loss": round(losses[0], 4),
+        "training_seconds": round(seconds, 1),
+        "training_steps": float(settings.steps),
+        "training_cases": float(len(cases)),
+        **frame_metrics(task),
+    }
+    if settings.test_cases or settings.hybrid_test_cases:
+        from training.cade.evaluate import held_out_metrics
+
+        metrics |= held_out_metrics(task, out / "model.onnx", settings, out / "evaluation")
+    repository = settings.repository or out / "model_repository"
+    path = register_onnx_model(
+        repository,
+        task.model_name,
+        onnx,
+        command=settings.command or f"python -m training.cade.train --task {task.name}",
+        data_manifest=data_description(task, settings),
+        seed=settings.seed,
+        metrics=metrics,
+        description=describe(task, settings),
+        max_batch_size=task.tiling().max_batch,
+        preferred_batch_sizes=(task.tiling().max_batch,),
+    )
+    record = out / "training.json"
+    record.write_text(
+        json.dumps(
+            {
+                "task": task.name,
+                "settings": _jsonable(asdict(settings)),
+                "seeds": asdict(task.seeds),
+                "train_manifest": str(train_manifest),
+                "model": str(path),
+                "metrics": metrics,
+                "losses": [round(v, 5) for v in losses],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return CadeTrainingResult(
+        task.name, path, f"{task.model_name}/{path.parent.name}", record, losses, seconds, metrics
+    )
+
+
+def _jsonable(values: dict) -> dict:
+    return {
+        k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+        for k, v in values.items()
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``wlcad train cade`` (and of this module's ``main``)."""
+    parser.add_argument("--task", default="chest-ct-nodule", help="CADe task (default chest-ct-nodule)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder for phantoms, model.onnx, training.json"
+    )
+    parser.add_argument("--cases", type=int, default=40, help="training phantom cases (default 40)")
+    parser.add_argument("--test-cases", type=int, default=0, help="held-out test cases to evaluate (FROC)")
+    parser.add_argument("--hybrid-test-cases", type=int, default=0, help="held-out hybrid cases to evaluate")
+    parser.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="phantom grid size")
+    parser.add_argument("--target", choices=TARGETS, default="sphere", help="weak spheres or exact masks")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--repository", type=Path, help="model repository (default OUT/model_repository)")
+
+
+def settings_from_args(args: argparse.Namespace, command: str = "") -> CadeTrainingSettings:
+    return CadeTrainingSettings(
+        out=args.out,
+        cases=args.cases,
+        test_cases=args.test_cases,
+        hybrid_test_cases=args.hybrid_test_cases,
+        size_xyz=tuple(args.size) if args.size else None,
+        target=args.target,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        threads=args.threads,
+        device=args.device,
+        repository=args.repository,
+        command=command,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    command = "python -m training.cade.train " + " ".join(shlex.quote(a) for a in argv)
+    result = train_cade(args.task, settings_from_args(args, command))
+    print(f"trained {result.task} in {result.seconds:.0f} s → {result.onnx} ({result.model_version})")
+    print(json.dumps(result.metrics, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
