@@ -17,6 +17,7 @@ from pathlib import Path
 from services.cli import (
     data_cmd,
     demo_cmd,
+    detect_cmd,
     estimate_cmd,
     evaluate_cmd,
     info_cmd,
@@ -39,6 +40,7 @@ _COMMANDS = (
     data_cmd,
     phantom_cmd,
     estimate_cmd,
+    detect_cmd,
     evaluate_cmd,
     train_cmd,
     models_cmd,

@@ -1,0 +1,258 @@
+"""``wlcad detect``: a task's lesion candidates on one image, as JSON and optionally an overlay PNG.
+
+Every check that can fail on the input runs before anything is written (task, cut-off, output
+paths, the image, the model), and each output is atomic, so a failed run leaves no file and a
+finished one leaves whole files. The JSON is written last: its presence means the run completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from services.cade.pipeline import DetectionResult
+from services.cade.tasks import TASKS, CadeTask, task_named
+from services.core.errors import InputError
+from services.core.io import read_image
+from services.core.volume import Volume
+
+if TYPE_CHECKING:
+    from services.cade.model import CadeModel
+
+#: The overlay shows at most this many candidates (the strongest): a reader's list, not every peak.
+OVERLAY_MAX_CANDIDATES = 8
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "detect",
+        help="detect lesions (CADe): ranked candidates with centre, diameter and confidence",
+        description=(
+            f"Tasks: {'; '.join(f'{t.name}: {t.description}' for t in TASKS.values())}. "
+            "The model cade_<task> must be in the model repository. Cut-off: --threshold T, or "
+            "--fp-rate R (the model card's operating point at R false positives per case); by default "
+            "the card's operating point for the task, else 0.5. Batch: --manifest M --out DIR (resumable: "
+            "cases whose JSON exists are skipped; a FROC summary when the manifest has lesions)."
+        ),
+    )
+    parser.add_argument("--task", required=True, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
+    parser.add_argument("--image", type=Path, help="DICOM folder/file, NIfTI, NRRD or MHA/MHD")
+    parser.add_argument(
+        "--manifest", type=Path, help="batch: a manifest CSV; one <case_id>.json per case in --out"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="candidates JSON file, or with --manifest a folder"
+    )
+    parser.add_argument("--threshold", type=float, metavar="T", help="least confidence reported, in [0, 1]")
+    parser.add_argument(
+        "--fp-rate", type=float, metavar="R", help="use the model card's operating point at R FP per case"
+    )
+    parser.add_argument("--overlay", type=Path, metavar="PNG", help="also write an overlay PNG here")
+    parser.add_argument(
+        "--inference", metavar="SETTING", help="embedded (default) or triton://host:port ($WLCAD_INFERENCE)"
+    )
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        metavar="DIR",
+        help="default $WLCAD_MODEL_REPOSITORY or model_repository/",
+    )
+    parser.add_argument("--series-uid", help="pick one series when the DICOM folder holds several")
+    parser.set_defaults(handler=run)
+
+
+def _check_cutoff(args: argparse.Namespace) -> None:
+    if args.threshold is not None and args.fp_rate is not None:
+        raise InputError("give --threshold or --fp-rate, not both", field="threshold")
+    if args.threshold is not None and not (math.isfinite(args.threshold) and 0.0 <= args.threshold <= 1.0):
+        raise InputError(f"must lie in [0, 1], got {args.threshold}", field="threshold")
+    if args.fp_rate is not None and not (math.isfinite(args.fp_rate) and args.fp_rate > 0):
+        raise InputError(f"must be a number > 0, got {args.fp_rate}", field="fp_rate")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    from services.label_estimation.outputs import check_writable
+
+    if args.out.suffix.lower() != ".json":
+        raise InputError(f"{args.out.name}: the candidates file must end in .json", field="out")
+    check_writable(args.out, "out")
+    if args.overlay is not None:
+        if args.overlay.suffix.lower() != ".png":
+            raise InputError(f"{args.overlay.name}: the overlay must end in .png", field="overlay")
+        check_writable(args.overlay, "overlay")
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.cade.model import CadeModel
+    from services.label_estimation.outputs import write_json
+
+    task = task_named(args.task)
+    _check_cutoff(args)
+    if (args.image is None) == (args.manifest is None):
+        raise InputError("give exactly one of --image or --manifest", field="image")
+    if args.manifest is not None:
+        return _run_batch(args, task)
+    _check_outputs(args)
+    image = read_image(args.image, series_instance_uid=args.series_uid)
+    with CadeModel(task, args.inference, args.model_repository) as model:
+        threshold = _threshold(args, model)
+        kept = _detect(model, image, threshold)
+    if args.overlay is not None:
+        render_detections(image, kept, task, threshold, args.overlay)
+    write_json(args.out, kept.as_dict(model=task.model_name))
+    print(
+        f"{task.name}: {len(kept.candidates)} candidate(s) at confidence ≥ {threshold:.3g} "
+        f"({kept.model_version}) → {args.out}"
+    )
+    return 0
+
+
+def _threshold(args: argparse.Namespace, model: CadeModel) -> float:
+    """--threshold, or the card's operating point at --fp-rate, or the model's default cut-off."""
+    if args.fp_rate is not None:
+        return model.threshold_for(args.fp_rate)
+    return args.threshold if args.threshold is not None else model.default_threshold()
+
+
+def _detect(model: CadeModel, image: Volume, threshold: float) -> DetectionResult:
+    """Candidates at confidence ≥ ``threshold`` (the detector's floor follows it: none is lost)."""
+    result = model.detector(floor=min(max(threshold, 0.0), 1.0)).detect(image)
+    kept = tuple(c for c in result.candidates if c.confidence >= threshold)
+    return DetectionResult(result.task, result.model_version, kept)
+
+
+@dataclass
+class BatchSummary:
+    """What a batch did: cases detected now, found done (resumed), and failed with their one-line error."""
+
+    detected: int = 0
+    resumed: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.detected} detected, {self.resumed} already done, {len(self.failed)} failed"
+
+
+def _cases(manifest: Path) -> tuple[dict[str, Path], dict[str, str], bool]:
+    """(case → image, case → row error, whether any row holds a lesion) of a manifest."""
+    from services.core.manifest import read_manifest
+
+    images: dict[str, Path] = {}
+    errors: dict[str, str] = {}
+    has_lesions = False
+    for row in read_manifest(manifest, check_files=False, strict=False):
+        case = row["case_id"]
+        if "error" in row:
+            errors.setdefault(case, f"line {row['line']}: {row['error']}")
+            continue
+        images.setdefault(case, Path(row["image"]))
+        has_lesions = has_lesions or row["lesion_id"] is not None
+    return {c: p for c, p in images.items() if c not in errors}, errors, has_lesions
+
+
+def _run_batch(args: argparse.Namespace, task: CadeTask) -> int:
+    """One ``<case_id>.json`` per manifest case, each atomic, so a rerun skips what is done. A case
+    whose input is bad is recorded and the batch goes on; the exit status is 2 when any failed."""
+    from tqdm import tqdm
+
+    from services.cade.model import CadeModel
+    from services.label_estimation.outputs import check_writable, write_json
+
+    if args.overlay is not None:
+        raise InputError("is for one image; a batch writes no overlays", field="overlay")
+    check_writable(args.out, "out", folder=True)
+    images, errors, has_lesions = _cases(args.manifest)
+    summary = BatchSummary(failed=dict(errors))
+    with CadeModel(task, args.inference, args.model_repository) as model:
+        threshold = _threshold(args, model)
+        args.out.mkdir(parents=True, exist_ok=True)
+        with tqdm(total=len(images), unit="case", file=sys.stderr, disable=None) as bar:
+            for case, image_path in images.items():
+                target = args.out / f"{case}.json"
+                if target.is_file():
+                    summary.resumed += 1
+                else:
+                    try:
+                        kept = _detect(model, read_image(image_path), threshold)
+                    except InputError as exc:
+                        summary.failed[case] = str(exc)
+                    else:
+                        write_json(target, kept.as_dict(model=task.model_name))
+                        summary.detected += 1
+                bar.update()
+    print(f"{task.name} batch at confidence ≥ {threshold:.3g}: {summary} → {args.out}")
+    for case, error in summary.failed.items():
+        print(f"  failed {case}: {error}")
+    if has_lesions and summary.failed:
+        print("no FROC: a failed case would count as one without candidates")
+    elif has_lesions:
+        _print_froc(args.manifest, args.out)
+    return 2 if summary.failed else 0
+
+
+def _print_froc(manifest: Path, folder: Path) -> None:
+    """FROC of the batch against the manifest's lesions (what ``wlcad evaluate cade`` reports in full)."""
+    from services.cli.evaluate_cmd import summary
+    from services.evaluation.cade_report import evaluate_cade, read_predictions, read_truth
+
+    print(summary(evaluate_cade(read_truth(manifest), read_predictions(folder))))
+
+
+def _ring_mask(image: Volume, result: DetectionResult) -> np.ndarray:
+    """Each candidate's equivalent circle on its own axial slice (its contour is the ring drawn)."""
+    mask = np.zeros(image.array.shape, dtype=bool)
+    spacing = np.asarray(image.spacing, dtype=np.float64)
+    for cand in result.candidates[:OVERLAY_MAX_CANDIDATES]:
+        i, j, k = cand.center_voxel
+        radius_mm = max(cand.diameter_mm / 2.0, 1.5 * float(spacing[:2].max()))
+        reach = np.ceil(radius_mm / spacing[:2]).astype(int) + 1
+        j0, j1 = max(0, j - reach[1]), min(mask.shape[1], j + reach[1] + 1)
+        i0, i1 = max(0, i - reach[0]), min(mask.shape[2], i + reach[0] + 1)
+        jj, ii = np.mgrid[j0:j1, i0:i1]
+        index = np.stack([ii, jj, np.full_like(ii, k)], axis=-1)
+        distance = np.linalg.norm(image.index_to_world(index) - np.asarray(cand.center_mm), axis=-1)
+        mask[k, j0:j1, i0:i1] |= distance <= radius_mm
+    return mask
+
+
+def render_detections(
+    image: Volume, result: DetectionResult, task: CadeTask, threshold: float, path: Path
+) -> Path:
+    """The overlay: the strongest candidates, numbered by rank, each a ring on its slice with a zoomed
+    crop captioned with its confidence (a radiograph is one slice: the whole image with ranked rings)."""
+    from services.core.overlay import ESTIMATE, LUNG, Finding, Outline, render_overlay
+
+    shown = result.candidates[:OVERLAY_MAX_CANDIDATES]
+    ring = Outline(_ring_mask(image, result), ESTIMATE, "candidate (equivalent circle)")
+    findings = [
+        Finding(
+            lesion_id=rank,
+            center_mm=cand.center_mm,
+            diameter_mm=cand.diameter_mm,
+            outlines=(ring,) if rank == 1 else (),  # one mask holds every ring: drawn once
+            caption=f"#{rank} confidence {cand.confidence:.2f}, {cand.diameter_mm:.1f} mm",
+            mark_center=False,
+        )
+        for rank, cand in enumerate(shown, start=1)
+    ]
+    notes = [
+        f"{result.model_version}: {len(result.candidates)} candidate(s) at confidence >= {threshold:.3g}"
+        + (f", the {len(shown)} strongest shown" if len(shown) < len(result.candidates) else ""),
+        "Numbers rank the candidates by confidence (1 = strongest). Not a diagnosis.",
+    ]
+    render_overlay(
+        image,
+        findings,
+        path,
+        title=f"wlcad detect {task.name}",
+        notes=notes,
+        window=LUNG if task.name == "chest-ct-nodule" else None,  # HU whatever the file's tags say
+        orientation=False if task.dims == 2 else None,  # a radiograph's stored orientation is no fact
+    )
+    return path
