@@ -70,7 +70,7 @@ def repository(tmp_path_factory) -> Path:
     register_onnx_model(
         root, "cade_cxr-mass", blob_scorer_onnx(2, None), metrics={}, max_batch_size=2, **CARD
     )
-    add_operating_points(root, "cade_chest-ct-nodule", {"1": 0.8, "4": 0.3})
+    add_operating_points(root, "cade_chest-ct-nodule", {"1": 0.99, "4": 0.7})
     return root
 
 
@@ -171,9 +171,9 @@ def test_threshold_and_card_operating_points_set_the_cut_off(repository, images,
 
     assert count("--threshold", "0.85") == 1  # only the solid nodule
     assert count("--threshold", "0.3") == 2
-    assert count("--fp-rate", "1") == 1  # card: 1 FP/case → 0.8
-    assert count("--fp-rate", "4") == 2  # card: 4 FP/case → 0.3
-    assert count() == 2  # default: the card's point at the task's default rate (4 FP/case)
+    assert count("--fp-rate", "1") == 0  # card: 1 FP/case → 0.99, above both
+    assert count("--fp-rate", "4") == 1  # card: 4 FP/case → 0.7
+    assert count() == 1  # default: the card's point at the task's default rate (4 FP/case), not 0.5
     assert count("--threshold", "0.999") == 0  # a valid, empty list
 
 
@@ -304,8 +304,8 @@ def test_task_registry_and_model_binding(repository):
     with CadeModel(ct, repository=repository) as model:
         assert model.spec.tiling.tile == (32, 32, 32)  # the fixed-size model's own tile
         assert model.spec.tiling.max_batch == 4
-        assert model.operating_points == {1.0: 0.8, 4.0: 0.3}
-        assert model.threshold_for(1.0) == 0.8 and model.default_threshold() == 0.3
+        assert model.operating_points == {1.0: 0.99, 4.0: 0.7}
+        assert model.threshold_for(1.0) == 0.99 and model.default_threshold() == 0.7
     with CadeModel(cxr, repository=repository) as model:
         assert model.spec.tiling.tile == cxr.spec.tiling.tile  # any-size model: the task's tile
         assert model.spec.tiling.max_batch == 2 and model.default_threshold() == cxr.default_threshold

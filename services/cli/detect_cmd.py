@@ -229,6 +229,8 @@ def render_detections(
     from services.core.overlay import ESTIMATE, LUNG, Finding, Outline, render_overlay
 
     shown = result.candidates[:OVERLAY_MAX_CANDIDATES]
+    # A radiograph without a usable pixel spacing is read at an assumed 1 mm: its "mm" are pixels.
+    units = "px" if image.metadata.get("pixel_spacing_source") == "assumed-1mm" else "mm"
     ring = Outline(_ring_mask(image, result), ESTIMATE, "candidate (equivalent circle)")
     findings = [
         Finding(
@@ -236,7 +238,7 @@ def render_detections(
             center_mm=cand.center_mm,
             diameter_mm=cand.diameter_mm,
             outlines=(ring,) if rank == 1 else (),  # one mask holds every ring: drawn once
-            caption=f"#{rank} confidence {cand.confidence:.2f}, {cand.diameter_mm:.1f} mm",
+            caption=f"#{rank} confidence {cand.confidence:.2f}, {cand.diameter_mm:.1f} {units}",
             mark_center=False,
         )
         for rank, cand in enumerate(shown, start=1)
