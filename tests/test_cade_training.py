@@ -21,8 +21,9 @@ from services.core.errors import InputError
 from services.core.io import read_image
 from services.inference.card import ModelCard, sha256_file
 from training.cade.samples import manifest_cases, phantom_split, working_case, working_cases
+from training.cade.settings import CadeTrainingSettings
 from training.cade.tasks import SPLITS, TASKS, DataSeeds, get_task
-from training.cade.train import CadeTrainingSettings, PatchSampler, fit, main, train_cade
+from training.cade.train import PatchSampler, fit, main, train_cade
 
 TASK = get_task("chest-ct-nodule")
 TINY = (64, 64, 48)  # x, y, z voxels: small enough to train on in seconds, big enough to tile
@@ -155,3 +156,12 @@ def test_an_unknown_task_is_refused() -> None:
     with pytest.raises(InputError) as error:
         get_task("knee-mr-tear")
     assert error.value.field == "task"
+
+
+def test_the_cli_options_load_without_torch() -> None:
+    """``wlcad`` registers ``train cade`` from training.cade.settings: it must not need the train extra."""
+    import subprocess
+    import sys
+
+    code = "import sys, training.cade.settings; sys.exit('torch' in sys.modules or 'monai' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0

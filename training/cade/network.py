@@ -13,8 +13,7 @@ import torch
 from monai.networks.nets import UNet
 
 from services.label_estimation.unet import INPUT_NAME, OUTPUT_NAME
-
-CHANNELS = (16, 32, 64, 128)
+from training.cade.settings import CHANNELS
 
 
 def build_network(dims: int, channels: tuple[int, ...] = CHANNELS) -> torch.nn.Module:

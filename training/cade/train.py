@@ -30,47 +30,13 @@ from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, Spatial
 
 from services.core.errors import InputError
 from services.inference.export import register_onnx_model
-from training.cade.network import CHANNELS, build_network, export_onnx
-from training.cade.samples import TARGETS, Target, WorkingCase, phantom_split, working_cases
+from training.cade.network import build_network, export_onnx
+from training.cade.samples import WorkingCase, phantom_split, working_cases
+from training.cade.settings import CadeTrainingSettings, add_arguments, settings_from_args
 from training.cade.tasks import CadeTask, get_task
 
 #: A loss is recorded per step; the card reports the mean of the last this-many.
 FINAL_LOSS_WINDOW = 50
-
-
-@dataclass
-class CadeTrainingSettings:
-    """Everything a run depends on (recorded in training.json). CPU-friendly defaults: 2 threads."""
-
-    out: Path = Path("runs/cade")
-    cases: int = 40
-    test_cases: int = 0
-    hybrid_test_cases: int = 0
-    size_xyz: tuple[int, int, int] | None = None
-    target: Target = "sphere"
-    steps: int = 600
-    batch_size: int = 4
-    learning_rate: float = 2e-3
-    seed: int = 0
-    channels: tuple[int, ...] = CHANNELS
-    threads: int = 2
-    device: str = "cpu"
-    #: Where the model is registered; None → ``out/model_repository`` (never the shipped one by default).
-    repository: Path | None = None
-    command: str = ""
-    progress: bool = True
-
-    def check(self) -> None:
-        for name in ("cases", "steps", "batch_size", "threads"):
-            if getattr(self, name) < 1:
-                raise InputError(f"must be ≥ 1, got {getattr(self, name)}", field=name)
-        for name in ("test_cases", "hybrid_test_cases"):
-            if getattr(self, name) < 0:
-                raise InputError(f"must be ≥ 0, got {getattr(self, name)}", field=name)
-        if self.target not in TARGETS:
-            raise InputError(f"choose from {', '.join(TARGETS)}, got {self.target!r}", field="target")
-        if not self.learning_rate > 0:
-            raise InputError("must be > 0", field="learning_rate")
 
 
 @dataclass
@@ -283,43 +249,13 @@ def _jsonable(values: dict) -> dict:
     }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``wlcad train cade`` (and of this module's ``main``)."""
-    parser.add_argument("--task", default="chest-ct-nodule", help="CADe task (default chest-ct-nodule)")
-    parser.add_argument(
-        "--out", type=Path, required=True, help="folder for phantoms, model.onnx, training.json"
-    )
-    parser.add_argument("--cases", type=int, default=40, help="training phantom cases (default 40)")
-    parser.add_argument("--test-cases", type=int, default=0, help="held-out test cases to evaluate (FROC)")
-    parser.add_argument("--hybrid-test-cases", type=int, default=0, help="held-out hybrid cases to evaluate")
-    parser.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="phantom grid size")
-    parser.add_argument("--target", choices=TARGETS, default="sphere", help="weak spheres or exact masks")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--repository", type=Path, help="model repository (default OUT/model_repository)")
-
-
-def settings_from_args(args: argparse.Namespace, command: str = "") -> CadeTrainingSettings:
-    return CadeTrainingSettings(
-        out=args.out,
-        cases=args.cases,
-        test_cases=args.test_cases,
-        hybrid_test_cases=args.hybrid_test_cases,
-        size_xyz=tuple(args.size) if args.size else None,
-        target=args.target,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        threads=args.threads,
-        device=args.device,
-        repository=args.repository,
-        command=command,
-    )
+def run(args: argparse.Namespace, command: str) -> int:
+    """The handler of ``wlcad train cade`` (options from :func:`training.cade.settings.add_arguments`);
+    ``command`` is the command line the card records."""
+    result = train_cade(args.task, settings_from_args(args, command))
+    print(f"trained {result.task} in {result.seconds:.0f} s → {result.onnx} ({result.model_version})")
+    print(json.dumps(result.metrics, indent=1))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -329,11 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    command = "python -m training.cade.train " + " ".join(shlex.quote(a) for a in argv)
-    result = train_cade(args.task, settings_from_args(args, command))
-    print(f"trained {result.task} in {result.seconds:.0f} s → {result.onnx} ({result.model_version})")
-    print(json.dumps(result.metrics, indent=1))
-    return 0
+    return run(args, "python -m training.cade.train " + " ".join(shlex.quote(a) for a in argv))
 
 
 if __name__ == "__main__":
