@@ -8,6 +8,7 @@ batch and the tile fixed, which is what :mod:`services.cade.tiling` feeds it.
 from __future__ import annotations
 
 import io
+import math
 
 import torch
 from monai.networks.nets import UNet
@@ -15,10 +16,14 @@ from monai.networks.nets import UNet
 from services.label_estimation.unet import INPUT_NAME, OUTPUT_NAME
 from training.cade.settings import CHANNELS
 
+#: The lesion fraction the output layer starts at (RetinaNet's prior): background begins near 0, so the
+#: first steps are not spent pushing a whole image's worth of voxels down from p = 0.5.
+PRIOR_PROBABILITY = 0.01
+
 
 def build_network(dims: int, channels: tuple[int, ...] = CHANNELS) -> torch.nn.Module:
     """A residual U-Net; ``len(channels) - 1`` stride-2 levels, so tiles must divide by 2**that."""
-    return UNet(
+    network = UNet(
         spatial_dims=dims,
         in_channels=1,
         out_channels=1,
@@ -28,6 +33,10 @@ def build_network(dims: int, channels: tuple[int, ...] = CHANNELS) -> torch.nn.M
         norm="instance",
         dropout=0.0,
     )
+    last = [m for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)][-1]
+    if last.bias is not None and last.out_channels == 1:
+        torch.nn.init.constant_(last.bias, -math.log((1.0 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+    return network
 
 
 def export_onnx(network: torch.nn.Module, tile: tuple[int, ...]) -> bytes:
