@@ -480,3 +480,17 @@ def test_stale_request_folders_of_killed_processes_are_removed(temp_root):
         assert removed == [stale_root] and not stale_root.exists()
         assert Path(mine).is_dir() and other.is_dir()
     assert remove_stale_temp() == []
+
+
+def test_an_uncompressed_header_declaring_more_than_its_file_holds_is_refused(tmp_path):
+    """A 352-byte .nii (or native DICOM) whose header asks for hundreds of MiB: the data cannot be in
+    the file, so no reader is let allocate for it."""
+    import nibabel
+
+    image = nibabel.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+    image.header.set_data_shape((512, 512, 256))
+    path = tmp_path / "image.nii"
+    path.write_bytes(image.header.binaryblock + bytes(4) + bytes(32))  # header, no extension, 32 bytes
+    with pytest.raises(InputError, match="declares 268435456 bytes of voxels; the file holds") as refused:
+        sources.check_declared_size(path, "image.file.content")
+    assert refused.value.field == "image.file.content"

@@ -249,7 +249,14 @@ def test_gateway_and_service_processes_survive_fuzzing(tmp_path):
 
 def test_atheris_short_pass_over_the_file_readers():
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tests" / "fuzz" / "fuzz_readers.py"), "-atheris_runs=4000"],
+        # libFuzzer's default RSS limit (2048 MB) is below what a valid input may take: a compressed
+        # file may expand to the 1 GiB upload limit, and a reader holds it plus a working copy.
+        [
+            sys.executable,
+            str(REPO_ROOT / "tests" / "fuzz" / "fuzz_readers.py"),
+            "-atheris_runs=4000",
+            "-rss_limit_mb=3584",
+        ],
         capture_output=True,
         text=True,
         timeout=240,

@@ -181,7 +181,10 @@ def _declared_size(path: Path) -> tuple[int, int]:
 
         header = nibabel.load(str(path)).header
         voxels = math.prod(int(v) for v in header.get_data_shape())
-        return voxels, voxels * header.get_data_dtype().itemsize
+        declared = voxels * header.get_data_dtype().itemsize
+        if name.endswith(".nii"):
+            _fits_in_file(declared, path)
+        return voxels, declared
     if name.endswith((".nrrd", ".mha", ".mhd")):
         import SimpleITK as sitk
 
@@ -203,7 +206,18 @@ def _declared_size(path: Path) -> tuple[int, int]:
         * int(header.get("NumberOfFrames", 1) or 1)
     )
     per_voxel = int(header.get("SamplesPerPixel", 1) or 1) * -(-int(header.get("BitsAllocated", 8) or 8) // 8)
+    syntax = getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and not syntax.is_compressed:
+        _fits_in_file(voxels * per_voxel, path)
     return voxels, voxels * per_voxel
+
+
+def _fits_in_file(declared_bytes: int, path: Path) -> None:
+    """An uncompressed file cannot hold more voxel bytes than its own size: a header that says so
+    would make a reader allocate for data that is not there (refused before it does)."""
+    size = path.stat().st_size
+    if declared_bytes > size:
+        raise InputError(f"the header declares {declared_bytes} bytes of voxels; the file holds {size}")
 
 
 def check_declared_size(path: Path, field: str) -> None:
@@ -220,6 +234,8 @@ def check_declared_size(path: Path, field: str) -> None:
                     raise InputError(_not_dicom("file", number, len(paths)), field=field)
         try:
             more_voxels, more_bytes = _declared_size(item)
+        except InputError as exc:
+            raise InputError(exc.message, field=field) from exc
         except (MemoryError, *_STOPPED):
             raise
         except Exception as exc:
