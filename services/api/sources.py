@@ -207,8 +207,9 @@ def _declared_size(path: Path) -> tuple[int, int]:
     )
     per_voxel = int(header.get("SamplesPerPixel", 1) or 1) * -(-int(header.get("BitsAllocated", 8) or 8) // 8)
     syntax = getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is not None and not syntax.is_compressed:
-        _fits_in_file(voxels * per_voxel, path)
+    if syntax is not None and not syntax.is_compressed:  # bits packed as stored (a SEG has 1 bit a voxel)
+        bits = int(header.get("BitsAllocated", 8) or 8) * int(header.get("SamplesPerPixel", 1) or 1)
+        _fits_in_file(-(-voxels * bits // 8), path)
     return voxels, voxels * per_voxel
 
 
