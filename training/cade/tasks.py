@@ -13,6 +13,8 @@ from typing import Literal
 
 from services.cade.pipeline import DetectorSpec
 from services.cade.preprocess import Intensity, WorkingFrame
+from services.cade.tasks import CadeTask as ServingTask
+from services.cade.tasks import task_named
 from services.cade.tiling import TilingSpec
 from services.core.errors import InputError
 
@@ -40,50 +42,50 @@ class DataSeeds:
 
 @dataclass(frozen=True)
 class CadeTask:
-    """A detection task: ``label`` is the weak target drawn from each lesion's centre and max diameter
-    (a sphere in 3D, a circle in 2D); ``tile`` is the network's patch in array order (z, y, x)."""
+    """A detection task as training sees it: the serving task (:mod:`services.cade.tasks`, which fixes
+    frame, intensity scale, tile and suppression — one definition, so a model is served exactly as it
+    was trained) and the phantom seeds of each split. The weak target is drawn from each lesion's
+    centre and max diameter (a sphere in 3D, a circle in 2D)."""
 
-    name: str
-    frame: WorkingFrame
-    intensity: Intensity
-    tile: tuple[int, ...]
+    serving: ServingTask
     seeds: DataSeeds
-    nms_radius_mm: float | None = None
-    nms_radius_pixels: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.serving.name
+
+    @property
+    def frame(self) -> WorkingFrame:
+        return self.serving.spec.frame
+
+    @property
+    def intensity(self) -> Intensity:
+        return self.serving.spec.intensity
+
+    @property
+    def tile(self) -> tuple[int, ...]:
+        """The network's patch in array order (z, y, x), the serving tile."""
+        return self.serving.spec.tiling.tile
 
     @property
     def dims(self) -> int:
-        return self.frame.dims
+        return self.serving.dims
 
     @property
     def model_name(self) -> str:
-        return f"cade_{self.name}"
+        return self.serving.model_name
 
     def tiling(self) -> TilingSpec:
-        """Serving's tiling of this task's network; images are refused below a quarter tile per axis."""
-        return TilingSpec(tile=self.tile, min_shape=tuple(max(1, t // 4) for t in self.tile))
+        return self.serving.spec.tiling
 
     def detector_spec(self) -> DetectorSpec:
-        return DetectorSpec(
-            task=self.name,
-            frame=self.frame,
-            intensity=self.intensity,
-            tiling=self.tiling(),
-            nms_radius_mm=self.nms_radius_mm,
-            nms_radius_pixels=self.nms_radius_pixels,
-        )
+        return self.serving.spec
 
 
 TASKS: dict[str, CadeTask] = {
     "chest-ct-nodule": CadeTask(
-        name="chest-ct-nodule",
-        # 2 mm isotropic: a 3 mm nodule is still 1–2 voxels, and a whole chest CT is ~5 M voxels on CPU.
-        frame=WorkingFrame(dims=3, spacing_mm=2.0),
-        # Lung window, calibrated HU: air 0, soft tissue ≈ 0.75, bone saturates.
-        intensity=Intensity("window", -1000.0, 400.0),
-        tile=(48, 48, 48),
+        serving=task_named("chest-ct-nodule"),
         seeds=DataSeeds(train=1101, validation=1102, test=1103, hybrid_test=1104),
-        nms_radius_mm=8.0,
     ),
 }
 
