@@ -67,6 +67,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     _add_training_options(unet)
     unet.set_defaults(handler=run_train)
+    from training.cade.settings import add_arguments as add_cade_arguments  # torch-free
+
+    cade = models.add_parser("cade", help="a CADe detector on phantoms, sphere labels (chest-ct-nodule)")
+    add_cade_arguments(cade)
+    cade.set_defaults(handler=run_train_cade)
 
     experiment = commands.add_parser("experiment", help="run a published evaluation protocol")
     protocols = experiment.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
@@ -117,6 +122,13 @@ def run_experiment(args: argparse.Namespace) -> int:
     if not args.prepare_only:
         print((args.out / "dice_table.md").read_text(), end="")
     return 0
+
+
+def run_train_cade(args: argparse.Namespace) -> int:
+    _require_training_extra()
+    from training.cade.train import run
+
+    return run(args, "wlcad " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
 
 def run_train(args: argparse.Namespace) -> int:
