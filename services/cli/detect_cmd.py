@@ -8,22 +8,18 @@ finished one leaves whole files. The JSON is written last: its presence means th
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from services.cade.cutoff import Cutoff, detect_at
 from services.cade.pipeline import DetectionResult
 from services.cade.tasks import TASKS, CadeTask, task_named
 from services.core.errors import InputError
 from services.core.io import read_image
 from services.core.volume import Volume
-
-if TYPE_CHECKING:
-    from services.cade.model import CadeModel
 
 #: The overlay shows at most this many candidates (the strongest): a reader's list, not every peak.
 OVERLAY_MAX_CANDIDATES = 8
@@ -67,13 +63,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def _check_cutoff(args: argparse.Namespace) -> None:
-    if args.threshold is not None and args.fp_rate is not None:
-        raise InputError("give --threshold or --fp-rate, not both", field="threshold")
-    if args.threshold is not None and not (math.isfinite(args.threshold) and 0.0 <= args.threshold <= 1.0):
-        raise InputError(f"must lie in [0, 1], got {args.threshold}", field="threshold")
-    if args.fp_rate is not None and not (math.isfinite(args.fp_rate) and args.fp_rate > 0):
-        raise InputError(f"must be a number > 0, got {args.fp_rate}", field="fp_rate")
+def _cutoff(args: argparse.Namespace) -> Cutoff:
+    """--threshold / --fp-rate, checked (errors name ``threshold`` / ``fp_rate``)."""
+    return Cutoff(args.threshold, args.fp_rate)
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -93,16 +85,16 @@ def run(args: argparse.Namespace) -> int:
     from services.label_estimation.outputs import write_json
 
     task = task_named(args.task)
-    _check_cutoff(args)
+    cutoff = _cutoff(args)
     if (args.image is None) == (args.manifest is None):
         raise InputError("give exactly one of --image or --manifest", field="image")
     if args.manifest is not None:
-        return _run_batch(args, task)
+        return _run_batch(args, task, cutoff)
     _check_outputs(args)
     image = read_image(args.image, series_instance_uid=args.series_uid)
     with CadeModel(task, args.inference, args.model_repository) as model:
-        threshold = _threshold(args, model)
-        kept = _detect(model, image, threshold)
+        threshold = cutoff.resolve(model)
+        kept = detect_at(model, image, threshold)
     if args.overlay is not None:
         render_detections(image, kept, task, threshold, args.overlay)
     write_json(args.out, kept.as_dict(model=task.model_name))
@@ -111,20 +103,6 @@ def run(args: argparse.Namespace) -> int:
         f"({kept.model_version}) → {args.out}"
     )
     return 0
-
-
-def _threshold(args: argparse.Namespace, model: CadeModel) -> float:
-    """--threshold, or the card's operating point at --fp-rate, or the model's default cut-off."""
-    if args.fp_rate is not None:
-        return model.threshold_for(args.fp_rate)
-    return args.threshold if args.threshold is not None else model.default_threshold()
-
-
-def _detect(model: CadeModel, image: Volume, threshold: float) -> DetectionResult:
-    """Candidates at confidence ≥ ``threshold`` (the detector's floor follows it: none is lost)."""
-    result = model.detector(floor=min(max(threshold, 0.0), 1.0)).detect(image)
-    kept = tuple(c for c in result.candidates if c.confidence >= threshold)
-    return DetectionResult(result.task, result.model_version, kept)
 
 
 @dataclass
@@ -156,7 +134,7 @@ def _cases(manifest: Path) -> tuple[dict[str, Path], dict[str, str], bool]:
     return {c: p for c, p in images.items() if c not in errors}, errors, has_lesions
 
 
-def _run_batch(args: argparse.Namespace, task: CadeTask) -> int:
+def _run_batch(args: argparse.Namespace, task: CadeTask, cutoff: Cutoff) -> int:
     """One ``<case_id>.json`` per manifest case, each atomic, so a rerun skips what is done. A case
     whose input is bad is recorded and the batch goes on; the exit status is 2 when any failed."""
     from tqdm import tqdm
@@ -170,7 +148,7 @@ def _run_batch(args: argparse.Namespace, task: CadeTask) -> int:
     images, errors, has_lesions = _cases(args.manifest)
     summary = BatchSummary(failed=dict(errors))
     with CadeModel(task, args.inference, args.model_repository) as model:
-        threshold = _threshold(args, model)
+        threshold = cutoff.resolve(model)
         args.out.mkdir(parents=True, exist_ok=True)
         with tqdm(total=len(images), unit="case", file=sys.stderr, disable=None) as bar:
             for case, image_path in images.items():
@@ -179,7 +157,7 @@ def _run_batch(args: argparse.Namespace, task: CadeTask) -> int:
                     summary.resumed += 1
                 else:
                     try:
-                        kept = _detect(model, read_image(image_path), threshold)
+                        kept = detect_at(model, read_image(image_path), threshold)
                     except InputError as exc:
                         summary.failed[case] = str(exc)
                     else:
