@@ -107,6 +107,32 @@ BUILT_IN: tuple[Capability, ...] = (
             HttpBinding("GET", "/v1/labels:describe", "Describe", "Methods offered and model versions"),
         ),
     ),
+    Capability(
+        name="cade",
+        service="wlcad.v1.Detection",
+        port=50062,
+        metrics_port=9102,
+        servicer="services.servers.cade:DetectionServicer",
+        summary="lesion detection (CADe): ranked candidates with centre, diameter and confidence",
+        idempotent=frozenset({"Detect", "Describe"}),
+        http=(
+            HttpBinding(
+                "POST", "/v1/detections:detect", "Detect", "Lesion candidates of one image for one task"
+            ),
+            HttpBinding(
+                "POST",
+                "/v1/detections:upload",
+                "DetectUpload",
+                "The same, for an uploaded NIfTI/NRRD/MHA/DICOM file or DICOM zip (multipart)",
+            ),
+            HttpBinding(
+                "GET",
+                "/v1/detections:describe",
+                "Describe",
+                "Tasks offered, their model versions and operating points",
+            ),
+        ),
+    ),
 )
 
 

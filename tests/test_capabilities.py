@@ -126,6 +126,9 @@ def test_echo_over_http_json_ndjson_and_multipart(echo_stack, tmp_path):
     with urllib.request.urlopen(f"{http_url}/openapi.json", timeout=30) as response:
         paths = json.loads(response.read())["paths"]
     assert {"/v1/echo:say", "/v1/echo:count", "/v1/echo:measure"} <= set(paths)
+    # a gateway given routes serves those only: ready with echo up, whatever else the table holds
+    with urllib.request.urlopen(f"{http_url}/readyz", timeout=30) as response:
+        assert json.loads(response.read()) == {"upstreams": {"echo": True}}
 
 
 def test_the_table_drives_routes_and_serve():
@@ -146,9 +149,11 @@ def _compose() -> dict:
 def test_deployment_files_name_every_capability(entry):
     """docker-compose, the Helm values and the Prometheus targets list each capability on its table
     ports, so adding one to the table without deploying it fails here."""
-    command = _compose()["services"][entry.name]["command"]
+    compose = _compose()["services"]
+    command = compose[entry.name]["command"]
     assert command[:2] == ["serve", entry.name] and f"0.0.0.0:{entry.port}" in command
     assert f"0.0.0.0:{entry.metrics_port}" in command
+    assert f"{entry.name}={entry.name}:{entry.port}" in compose["gateway"]["command"]
     values = yaml.safe_load((REPO_ROOT / "helm/wlcad/values.yaml").read_text())
     assert values["capabilities"][entry.name]["port"] == entry.port
     assert values["capabilities"][entry.name]["metricsPort"] == entry.metrics_port

@@ -71,11 +71,16 @@ def test_chart_lints_renders_and_validates(tmp_path):
     objects = [o for o in yaml.safe_load_all(rendered.stdout) if o]
     kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
     assert kinds == [
-        "Deployment/t-gateway", "Deployment/t-label-estimation", "Deployment/t-triton",
-        "NetworkPolicy/t-label-estimation", "NetworkPolicy/t-triton",
+        "Deployment/t-cade", "Deployment/t-gateway", "Deployment/t-label-estimation", "Deployment/t-triton",
+        "NetworkPolicy/t-cade", "NetworkPolicy/t-label-estimation", "NetworkPolicy/t-triton",
         "Secret/t-gateway-tokens", "Secret/t-service-token",
-        "Service/t-gateway", "Service/t-label-estimation", "Service/t-triton",
+        "Service/t-cade", "Service/t-gateway", "Service/t-label-estimation", "Service/t-triton",
     ]  # fmt: skip
+    gateway_args = _container({f"{o['kind']}/{o['metadata']['name']}": o for o in objects}, "gateway")["args"]
+    assert {a for a in gateway_args if a.startswith("--route=")} == {
+        "--route=cade=t-cade:50062",
+        "--route=label-estimation=t-label-estimation:50061",
+    }
     for document in objects:
         if (
             document["kind"] == "Deployment"
@@ -112,12 +117,13 @@ def test_chart_generates_the_service_token_and_gives_the_services_only_its_hash(
         "name": "t-service-token",
         "key": "token",
     }
-    service = _container(objects, "label-estimation")
-    assert _secret_ref(service, ENV_SERVICE_HASHES) == {"name": "t-service-token", "key": "hashes"}
-    assert not any(e["name"] == ENV_UPSTREAM_TOKEN for e in service.get("env", []))
-    # the service's pod address needs tokens, and these are the ones the gateway sends
-    listen = next(a.split("=", 1)[1] for a in service["args"] if a.startswith("--listen="))
-    check_listen(listen, TokenSet([hashes]))
+    for name in ("label-estimation", "cade"):
+        service = _container(objects, name)
+        assert _secret_ref(service, ENV_SERVICE_HASHES) == {"name": "t-service-token", "key": "hashes"}
+        assert not any(e["name"] == ENV_UPSTREAM_TOKEN for e in service.get("env", []))
+        # the service's pod address needs tokens, and these are the ones the gateway sends
+        listen = next(a.split("=", 1)[1] for a in service["args"] if a.startswith("--listen="))
+        check_listen(listen, TokenSet([hashes]))
     assert TokenSet([hashes]).check(f"Bearer {token}")
 
 
@@ -140,7 +146,8 @@ def test_chart_network_policies_admit_only_the_gateway_to_service_grpc_ports():
     assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
     triton = objects["NetworkPolicy/t-triton"]["spec"]["ingress"][0]["from"]
     assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in triton] == [
-        "label-estimation"
+        "cade",
+        "label-estimation",
     ]
     assert not any(o.startswith("NetworkPolicy/") for o in _render("--set", "networkPolicy.enabled=false"))
 
@@ -152,8 +159,10 @@ def test_chart_refuses_to_render_without_tokens():
 
 def test_compose_commands_parse_with_the_cli():
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
-    assert {"gateway", "label-estimation", "triton", "orthanc", "prometheus"} <= set(compose["services"])
-    for name in ("gateway", "label-estimation"):
+    assert {"gateway", "label-estimation", "cade", "triton", "orthanc", "prometheus"} <= set(
+        compose["services"]
+    )
+    for name in ("gateway", "label-estimation", "cade"):
         _wlcad_args(compose["services"][name]["command"])
     for service in compose["services"].values():
         for port in service.get("ports", []):
@@ -162,6 +171,7 @@ def test_compose_commands_parse_with_the_cli():
     variables = {
         "gateway": {"WLCAD_GATEWAY_TOKEN_HASHES", ENV_UPSTREAM_TOKEN},
         "label-estimation": {ENV_SERVICE_HASHES},
+        "cade": {ENV_SERVICE_HASHES},
     }
     for name, required in variables.items():
         environment = compose["services"][name]["environment"]

@@ -15,6 +15,20 @@ if codegen.is_stale():
 if str(codegen.OUT_DIR) not in sys.path:
     sys.path.insert(0, str(codegen.OUT_DIR))
 
-from wlcad.v1 import common_pb2, image_pb2, label_estimation_pb2, label_estimation_pb2_grpc
+from wlcad.v1 import (
+    common_pb2,
+    detection_pb2,
+    detection_pb2_grpc,
+    image_pb2,
+    label_estimation_pb2,
+    label_estimation_pb2_grpc,
+)
 
-__all__ = ["common_pb2", "image_pb2", "label_estimation_pb2", "label_estimation_pb2_grpc"]
+__all__ = [
+    "common_pb2",
+    "detection_pb2",
+    "detection_pb2_grpc",
+    "image_pb2",
+    "label_estimation_pb2",
+    "label_estimation_pb2_grpc",
+]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.cade.pipeline import DetectionResult
@@ -20,7 +19,7 @@ from services.core.volume import Volume
 if TYPE_CHECKING:
     from services.cade.model import CadeModel
 
-__all__ = ["Cutoff", "card_operating_points", "detect_at"]
+__all__ = ["Cutoff", "detect_at"]
 
 
 @dataclass(frozen=True)
@@ -56,10 +55,3 @@ def detect_at(model: CadeModel, image: Volume, threshold: float) -> DetectionRes
     kept = tuple(c for c in result.candidates if c.confidence >= threshold)
     return DetectionResult(result.task, result.model_version, kept)
 
-
-def card_operating_points(model_dir: Path, version: int) -> dict[float, float]:
-    """The operating points (FP per case → threshold) in a model version's card entry, without
-    binding an inference backend (what the Detection service's ``Describe`` lists)."""
-    from services.cade.model import CadeModel
-
-    return CadeModel._read_operating_points(model_dir, version)

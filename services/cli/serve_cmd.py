@@ -134,7 +134,9 @@ def _gateway_options(parser: argparse.ArgumentParser, routes: bool = True) -> No
     parser.add_argument("--grpc-listen", default="127.0.0.1:50051", help="gateway gRPC address")
     parser.add_argument("--http-listen", default="127.0.0.1:8080", help="gateway HTTP/JSON address")
     if routes:
-        _addresses_option(parser, "--route", "upstream address of a route")
+        _addresses_option(
+            parser, "--route", "upstream address of a route; given, only the routes given are served"
+        )
         parser.add_argument(
             "--upstream-token-file",
             type=Path,
@@ -219,7 +221,10 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
     _quiet_logging(args)
     upstream_token = load_upstream_token(args.upstream_token_file)
-    return run(_gateway_config(args, _parse_routes(args.route), upstream_token))
+    # Routes given: exactly those (a gateway in front of some services is ready when they are);
+    # none given: every capability at the table's default address.
+    upstreams = _parse_routes(args.route, defaults={} if args.route else DEFAULT_UPSTREAMS)
+    return run(_gateway_config(args, upstreams, upstream_token))
 
 
 def _run_token(args: argparse.Namespace) -> int:

@@ -1,0 +1,178 @@
+"""The Detection gRPC service (CADe): a thin adapter from ``wlcad.v1`` messages to the pipeline.
+
+Slots, uploads, deadlines, error mapping and metrics come from the scaffold
+(:mod:`services.servers.scaffold`); the cut-off is resolved by :mod:`services.cade.cutoff`, as
+``wlcad detect`` resolves it, so the service and the CLI answer the same candidates.
+
+A task's model ``cade_<task>`` is bound on first use and kept. A task whose model the repository
+lacks (or holds in a form that cannot serve the task) leaves the service running: ``Describe`` lists
+the task as unavailable with the reason, and ``Detect`` answers FAILED_PRECONDITION naming the task —
+looked up again on every request, so a model registered later is served without a restart.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from services.api.convert import volume_to_proto
+from services.api.pb import common_pb2
+from services.api.pb import detection_pb2 as pb
+from services.api.status import PreconditionError
+from services.api.upload import upload_shape
+from services.cade.cutoff import Cutoff, detect_at
+from services.cade.model import CadeModel
+from services.cade.pipeline import DetectionResult
+from services.cade.tasks import TASKS, CadeTask, task_named
+from services.core.errors import InputError
+from services.core.version import software_version
+from services.core.volume import Volume
+from services.servers.observability import INFERENCE
+from services.servers.scaffold import CapabilityServicer, MethodStatus, ServiceSettings
+
+UPLOAD = upload_shape(pb.DetectUploadMessage.DESCRIPTOR)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A Detect request checked before its image: the task, its bound model and the cut-off."""
+
+    request: pb.DetectRequest
+    task: CadeTask
+    model: CadeModel
+    threshold: float
+
+
+class DetectionServicer(CapabilityServicer):
+    """Serves :class:`services.cade.pipeline.Detector` for every task of :data:`services.cade.tasks.TASKS`."""
+
+    component = "cade"
+
+    def __init__(self, settings: ServiceSettings | None = None) -> None:
+        super().__init__(settings or ServiceSettings())
+        self._models_lock = threading.Lock()
+        self._models: dict[str, CadeModel] = {}
+
+    # -- the RPCs ---------------------------------------------------------------------------------
+    def Detect(self, request: pb.DetectRequest, context: grpc.ServicerContext) -> pb.DetectResponse:  # noqa: N802 - gRPC names
+        return self.handle("Detect", context, lambda: self._detect(self._prepare(request), None))
+
+    def DetectUpload(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> pb.DetectResponse:  # noqa: N802 - gRPC names
+        return self.handle_upload("DetectUpload", context, messages, UPLOAD, self._prepare, self._detect)
+
+    def methods(self) -> Sequence[MethodStatus]:
+        return [self._status(task) for task in TASKS.values()]
+
+    def describe(self) -> pb.DetectionDescription:
+        """The scaffold's description (tasks as methods) plus each task's model, dimensionality,
+        operating points and default cut-off."""
+        tasks = [self._task_info(task) for task in TASKS.values()]
+        return pb.DetectionDescription(
+            methods=[
+                common_pb2.MethodInfo(
+                    name=t.name, available=t.available, reason=t.reason, model_version=t.model_version
+                )
+                for t in tasks
+            ],
+            software_version=software_version(),
+            inference_backend=self.settings.inference_setting or "embedded",
+            tasks=tasks,
+        )
+
+    def close(self) -> None:
+        with self._models_lock:
+            for model in self._models.values():
+                model.close()
+            self._models.clear()
+
+    # -- implementations --------------------------------------------------------------------------
+    def _prepare(self, request: pb.DetectRequest) -> _Prepared:
+        """Task, cut-off and model, checked once before the image (an upload is refused before any
+        byte of it arrives)."""
+        task = task_named(request.task)
+        cutoff = Cutoff(
+            request.threshold if request.HasField("threshold") else None,
+            request.fp_rate if request.HasField("fp_rate") else None,
+        )
+        model = self._model(task)
+        return _Prepared(request, task, model, cutoff.resolve(model))
+
+    def _model(self, task: CadeTask) -> CadeModel:
+        """The task's bound model; PreconditionError (naming the task) when it cannot be served."""
+        with self._models_lock:
+            if task.name not in self._models:
+                status = self.model_status(task.name, task.model_name)
+                if not status.available:
+                    raise PreconditionError(
+                        f"the {task.name} task needs model {task.model_name} in the model repository, "
+                        "which does not hold it yet"
+                    )
+                try:
+                    model = CadeModel(task, self.settings.inference_setting, self.repository)
+                except InputError as exc:  # the model cannot serve the task, or its card is unreadable
+                    raise PreconditionError(f"the {task.name} task cannot be served: {exc.message}") from None
+                self._models[task.name] = model
+            return self._models[task.name]
+
+    def _status(self, task: CadeTask) -> MethodStatus:
+        try:
+            model = self._model(task)
+        except PreconditionError as exc:
+            return MethodStatus(task.name, available=False, reason=str(exc))
+        return MethodStatus(task.name, model_version=model.version)
+
+    def _task_info(self, task: CadeTask) -> pb.DetectionTask:
+        status = self._status(task)
+        info = pb.DetectionTask(
+            name=task.name,
+            available=status.available,
+            reason=status.reason,
+            dims=task.dims,
+            description=task.description,
+            model=task.model_name,
+            model_version=status.model_version,
+            default_threshold=task.default_threshold,
+        )
+        if status.available:
+            model = self._model(task)
+            info.operating_points.extend(
+                pb.OperatingPoint(fp_per_case=rate, threshold=threshold)
+                for rate, threshold in model.operating_points.items()
+            )
+            info.default_threshold = model.default_threshold()
+        return info
+
+    def _detect(self, prepared: _Prepared, image: Volume | None) -> pb.DetectResponse:
+        if image is None:
+            image = self.image(prepared.request.image)
+        started = time.perf_counter()
+        result = detect_at(prepared.model, image, prepared.threshold)
+        INFERENCE.labels(prepared.task.name, result.model_version).observe(time.perf_counter() - started)
+        return result_to_proto(result, prepared.task, prepared.threshold, image)
+
+
+def result_to_proto(
+    result: DetectionResult, task: CadeTask, threshold: float, image: Volume
+) -> pb.DetectResponse:
+    """The response: ``wlcad detect``'s JSON fields, the cut-off applied and the input grid."""
+    return pb.DetectResponse(
+        task=result.task,
+        model=task.model_name,
+        model_version=result.model_version,
+        candidates=[
+            pb.DetectionCandidate(
+                center_mm=list(c.center_mm),
+                center_voxel=[int(v) for v in c.center_voxel],
+                diameter_mm=float(c.diameter_mm),
+                confidence=float(c.confidence),
+            )
+            for c in result.candidates
+        ],
+        threshold=threshold,
+        software_version=software_version(),
+        grid=volume_to_proto(image, with_data=False),
+    )
