@@ -20,6 +20,7 @@ from services.cli import (
     detect_cmd,
     estimate_cmd,
     evaluate_cmd,
+    experiment_cmd,
     info_cmd,
     inspect_cmd,
     models_cmd,
@@ -43,6 +44,7 @@ _COMMANDS = (
     detect_cmd,
     evaluate_cmd,
     train_cmd,
+    experiment_cmd,  # adds a protocol to train_cmd's 'experiment': after it
     models_cmd,
     triton_cmd,
     serve_cmd,
