@@ -9,6 +9,7 @@ no model at first (the service must start and say so) and is registered while th
 from __future__ import annotations
 
 import json
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,7 +30,7 @@ from services.cli.main import main as wlcad
 from services.core.io import write_image
 from services.core.volume import Volume
 from services.inference.export import register_onnx_model
-from tests.serving_support import Process, free_port, wait_serving
+from tests.serving_support import REPO_ROOT, Process, free_port, wait_serving
 from tests.test_detect_cli import (
     CARD,
     CT_GRID,
@@ -354,3 +355,35 @@ def test_serve_all_starts_the_detection_service(repository, tmp_path):
     finally:
         stack.stop()
     assert "started cade (pid" in (tmp_path / "serve-all.log").read_text()
+
+
+def test_http_routes_survive_schemathesis(stack, tmp_path):
+    """Generated requests to every Detection route (from the gateway's OpenAPI): none is a server
+    error, and the service logs no traceback (the module fixture checks that at its end)."""
+    _, _, http_url = stack
+    result = subprocess.run(
+        [
+            str(REPO_ROOT / ".venv" / "bin" / "st"),
+            "run",
+            f"{http_url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "40",
+            "--phases",
+            "coverage,fuzzing",
+            "--request-timeout",
+            "30",
+            "--generation-deterministic",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "/v1/detections:detect" in result.stdout
+    print(
+        "\n"
+        + "\n".join(line for line in result.stdout.splitlines() if "generated" in line or "passed" in line)
+    )
