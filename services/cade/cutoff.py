@@ -54,4 +54,3 @@ def detect_at(model: CadeModel, image: Volume, threshold: float) -> DetectionRes
     result = model.detector(floor=min(max(threshold, 0.0), 1.0)).detect(image)
     kept = tuple(c for c in result.candidates if c.confidence >= threshold)
     return DetectionResult(result.task, result.model_version, kept)
-
