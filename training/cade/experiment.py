@@ -21,10 +21,12 @@ one whose training finished is only re-evaluated)::
                                        predictions.json, evaluation/froc.{json,png}, result.json
     sphere_vs_painted.{json,md,png}    every number, the table, CPM vs training cases
 
-CPU time: one optimiser step (batch 4 of 64³ patches, UNet 16-32-64-128) takes about a second on two
-cores, so the default budget (600 steps) is ~10 min per arm and 10,20,40,80 is 8 arms ≈ 1.5 h plus
-evaluation (a few seconds per test case and arm). ``--steps`` and ``--batch-size`` set the budget;
-``--device cuda`` trains on an accelerator (evaluation always runs the served ONNX on the CPU).
+CPU time: one optimiser step (batch 4 of 64³ patches, UNet 16-32-64-128, 2 threads) measured 2.3 s on
+two cores that another training run was sharing (so roughly 1–2 s on two free cores): the default
+budget (600 steps) is ~12–25 min per arm, and 10,20,40,80 is 8 arms ≈ 1.5–3 h, plus evaluation (a few
+seconds per test case and arm) and the phantoms (~1.4 s per default-size case). ``--steps`` and
+``--batch-size`` set the budget; ``--device cuda`` trains on an accelerator (evaluation always runs the
+served ONNX on the CPU). Each arm's wall and CPU seconds are in its result.
 
 Torch is imported only when an arm trains, so this module (and ``wlcad experiment``) loads without it.
 """
