@@ -44,7 +44,7 @@ def test_bench_times_ct_detection_next_to_monai_and_radiographs(repository: Path
     done = bench("--model-repository", str(repository), *SMALL, "--radiographs", "2")
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "chest CT 80×80×48 written to a temporary NIfTI" in out
+    assert "chest CT 80×80×48 (" in out
     assert "wlcad detect (end to end from the file)" in out and "cade_chest-ct-nodule/1" in out
     assert "MONAI sliding_window_inference (torch, onnxruntime per window batch" in out
     assert "ratio MONAI / wlcad" in out
