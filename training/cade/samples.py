@@ -31,7 +31,8 @@ TARGETS: tuple[Target, ...] = ("sphere", "painted")
 
 @dataclass(frozen=True)
 class WorkingCase:
-    """One case on the working grid: ``image`` float32 in [0, 1] and ``label`` uint8, both (1, z, y, x)."""
+    """One case on the working grid: ``image`` float32 in [0, 1] and ``label`` uint8, both (1, *spatial):
+    (1, z, y, x) for a 3D task, (1, y, x) for a 2D one (a radiograph's single slice dropped)."""
 
     case_id: str
     image: np.ndarray
@@ -117,6 +118,8 @@ def working_case(task: CadeTask, case: CaseRows, target: Target = "sphere") -> W
     else:
         label = painted_target(working, case.mask, case.case_id)
     image = np.asarray(working.array, dtype=np.float32)
+    if task.dims == 2:
+        image, label = image[0], label[0]
     return WorkingCase(case.case_id, image[None], label[None])
 
 

@@ -87,6 +87,10 @@ TASKS: dict[str, CadeTask] = {
         serving=task_named("chest-ct-nodule"),
         seeds=DataSeeds(train=1101, validation=1102, test=1103, hybrid_test=1104),
     ),
+    "cxr-mass": CadeTask(
+        serving=task_named("cxr-mass"),
+        seeds=DataSeeds(train=1201, validation=1202, test=1203, hybrid_test=1204),
+    ),
 }
 
 
