@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from services.core.errors import InputError
-from services.evaluation.cade_groups import group_cpms, group_of
+from services.evaluation.bootstrap import percentile_interval
+from services.evaluation.cade_groups import group_cpms, group_of, paired_difference
 from services.evaluation.cade_report import Truth, TruthLesion
 from services.evaluation.matching import Candidate, Lesion
 from tests.conftest import run_cli
@@ -76,6 +77,18 @@ def test_tiny_run_writes_every_number_a_table_and_a_plot(finished: Path) -> None
     assert {(m["group"], m["painted_cases"]) for m in matches} == {
         (g, n) for g in ("all", *SHAPE_GROUPS) for n in (2, 3)
     }
+    differences = {(d["group"], d["cases"]): d for d in summary["paired_differences"]}
+    assert set(differences) == {(g, n) for g in ("all", *SHAPE_GROUPS) for n in (2, 3)}
+    for (group, n), row in differences.items():
+        painted, sphere = (arms[kind, n]["groups"][group]["cpm"] for kind in ("painted", "sphere"))
+        if painted is not None:
+            assert row["difference"] == pytest.approx(painted - sphere)
+    for arm in summary["arms"]:
+        samples = json.loads(
+            (finished / "arms" / f"{arm['target']}-n{arm['cases']}" / "bootstrap.json").read_text()
+        )
+        assert samples["n_resamples"] == 50 and len(samples["cpm_samples"]["all"]) == 50
+    assert "Painted − sphere CPM (paired bootstrap" in (finished / "sphere_vs_painted.md").read_text()
     assert summary["reference"]["ratio_low"] == 1.6 and summary["reference"]["ratio_high"] == 7.6
     table = (finished / "sphere_vs_painted.md").read_text()
     assert table.count("| sphere |") == 2 and table.count("| painted |") == 2
@@ -158,6 +171,11 @@ def test_group_cpm_ignores_hits_on_other_groups_lesions() -> None:
     assert (simple.n_lesions, simple.n_found, simple.cpm) == (1, 0, 0.0)
     # The hit on lesion b is not an FP for the simple group, and b is found before any FP.
     assert (irregular.n_found, irregular.cpm) == (1, 1.0)
+    # The per-resample CPMs are the draws behind the group's CI (so two arms' samples pair up).
+    assert percentile_interval(simple.samples) == simple.ci
+    assert len(irregular.samples) == 20
+    difference = paired_difference(irregular.samples, simple.samples)
+    assert difference is not None and difference.low > 0  # b found in every resample that draws c1
     empty = group_cpms(truth, ["sphere/ellipsoid"] * 2, candidates, list(SHAPE_GROUPS), n_resamples=20)[1]
     assert empty.n_lesions == 0 and empty.cpm is None and empty.ci is None
     with pytest.raises(InputError) as error:

@@ -7,21 +7,33 @@ simple shapes (sphere/ellipsoid) and irregular ones (lobulated/spiculated/irregu
 The rule is the report's: a group's FROC ranks its own lesions against **all** false positives, and a
 candidate that only hits a lesion of another group is neither a hit nor an FP. Every group resamples
 the same cases with the same seed, so group intervals come from the same bootstrap draws as the
-overall one.
+overall one — and two detectors evaluated on the same cases with the same seed get the same draws, so
+their per-resample CPMs (:attr:`GroupCpm.samples`) pair up into a CI of their difference
+(:func:`paired_difference`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from services.core.errors import InputError
 from services.core.manifest import read_manifest
-from services.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, ConfidenceInterval, bootstrap_froc
+from services.evaluation.bootstrap import (
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    ConfidenceInterval,
+    bootstrap_froc,
+    case_weights,
+    percentile_interval,
+    resample_cases,
+)
 from services.evaluation.cade_report import Truth, read_truth
-from services.evaluation.froc import LUNA16_FP_RATES
-from services.evaluation.matching import Candidate, MatchRule, as_rule, match_candidates
+from services.evaluation.froc import LUNA16_FP_RATES, interpolate_rows, rank
+from services.evaluation.matching import Candidate, Lesion, MatchRule, as_rule, match_candidates, tabulate
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,8 @@ class GroupCpm:
     n_found: int
     cpm: float | None
     ci: ConfidenceInterval | None
+    #: The CPM of each bootstrap resample (NaN where a resample drew none of the group's lesions).
+    samples: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
         ci = None if self.ci is None else {"low": self.ci.low, "high": self.ci.high, "level": self.ci.level}
@@ -103,8 +117,40 @@ def group_cpms(
             own, kept, truth.case_ids, rule=rule, fp_rates=LUNA16_FP_RATES,
             n_resamples=n_resamples, seed=seed, level=level,
         )  # fmt: skip
-        out.append(GroupCpm(name, len(own), boot.estimate.n_found, float(boot.estimate.cpm), boot.cpm))
+        samples = cpm_samples(own, kept, truth.case_ids, rule=rule, n_resamples=n_resamples, seed=seed)
+        out.append(
+            GroupCpm(name, len(own), boot.estimate.n_found, float(boot.estimate.cpm), boot.cpm, samples)
+        )
     return tuple(out)
+
+
+def cpm_samples(
+    lesions: Sequence[Lesion],
+    candidates: Sequence[Candidate],
+    case_ids: Sequence[str],
+    *,
+    rule: MatchRule | str = MatchRule.LUNA16,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> np.ndarray:
+    """The CPM on each case resample (the draws :func:`bootstrap_froc` makes with the same seed)."""
+    ranking = rank(tabulate(lesions, candidates, case_ids), as_rule(rule))
+    weights = case_weights(resample_cases(ranking.n_cases, n_resamples, seed), ranking.n_cases)
+    fps, sens = ranking.curves(weights)
+    return interpolate_rows(np.asarray(LUNA16_FP_RATES), fps, sens).mean(axis=1)
+
+
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, level: float = DEFAULT_LEVEL
+) -> ConfidenceInterval | None:
+    """Percentile CI of ``a − b`` over paired resamples (None when no resample defines both)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise InputError(f"{a.shape} and {b.shape} resamples do not pair", field="samples")
+    difference = a - b
+    if not np.any(np.isfinite(difference)):
+        return None
+    return percentile_interval(difference, level)
 
 
 def manifest_group_cpms(
@@ -120,4 +166,12 @@ def manifest_group_cpms(
     return group_cpms(truth, labels, candidates, list(groups), **settings)
 
 
-__all__ = ["GroupCpm", "group_cpms", "group_of", "lesion_column", "manifest_group_cpms"]
+__all__ = [
+    "GroupCpm",
+    "cpm_samples",
+    "group_cpms",
+    "group_of",
+    "lesion_column",
+    "manifest_group_cpms",
+    "paired_difference",
+]

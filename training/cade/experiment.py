@@ -9,7 +9,8 @@ seed. Each arm's CPM (with a case-bootstrap 95 % CI) is reported overall and per
 simple (sphere/ellipsoid), where a sphere label is nearly the painted mask, and irregular
 (lobulated/spiculated/irregular), where it is not — and for each painted size, the number of sphere
 cases whose CPM reaches the painted CPM (interpolated on log cases between the measured sizes, "not
-reached" when no size does). Nomura et al. 2019 found 1.6–7.6× more cases for equal performance.
+reached" when no size does), and painted − sphere CPM at each size with a paired bootstrap CI (the
+same test cases and resample draws for every arm). Nomura et al. 2019 found 1.6–7.6× more cases for equal performance.
 
 Layout of ``out`` (every file written atomically; an arm whose ``result.json`` exists is not rerun, and
 one whose training finished is only re-evaluated)::
@@ -18,7 +19,8 @@ one whose training finished is only re-evaluated)::
     data/train-n<n>/train/             the first n train-seed cases (shared by both label kinds)
     data/test/                         the held-out test cases (shared by every arm)
     arms/<target>-n<n>/                train_cade's folder (model.onnx, training.json, model_repository),
-                                       predictions.json, evaluation/froc.{json,png}, result.json
+                                       predictions.json, evaluation/froc.{json,png}, result.json,
+                                       bootstrap.json (CPM per resample: paired painted − sphere CIs)
     sphere_vs_painted.{json,md,png}    every number, the table, CPM vs training cases
 
 CPU time: one optimiser step (batch 4 of 64³ patches, UNet 16-32-64-128, 2 threads) measured 2.3 s on
@@ -42,11 +44,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from services.core.atomic import atomic_output, write_bytes_atomically
 from services.core.errors import InputError
 from services.core.io import read_image
 from services.evaluation.bootstrap import DEFAULT_RESAMPLES
-from services.evaluation.cade_groups import manifest_group_cpms
+from services.evaluation.cade_groups import cpm_samples, manifest_group_cpms, paired_difference
 from services.evaluation.cade_report import Predictions, evaluate_cade, read_truth, write_report
 from training.cade.evaluate import onnx_detector, report_metrics
 from training.cade.samples import TARGETS, manifest_cases, phantom_split
@@ -65,6 +69,8 @@ ALL_LESIONS = "all"
 #: Nomura et al. 2019: sphere labels needed this many times more cases for equal performance.
 REFERENCE_RATIO = (1.6, 7.6)
 RESULT = "sphere_vs_painted"
+#: Per arm: the CPM of every bootstrap resample per group (the same draws for every arm: paired).
+BOOTSTRAP = "bootstrap.json"
 
 
 @dataclass
@@ -283,6 +289,22 @@ def evaluate_arm(
         "cpm_ci": {"low": ci.low, "high": ci.high, "level": ci.level},
     }
     by_group = {ALL_LESIONS: overall} | {g.name: g.as_dict() for g in groups}
+    truth = read_truth(test_manifest)
+    lesions = [t.lesion for t in truth.lesions]
+    samples = {
+        ALL_LESIONS: cpm_samples(lesions, candidates, truth.case_ids, n_resamples=settings.n_resamples)
+    }
+    samples |= {g.name: g.samples for g in groups if g.samples is not None}
+    _write_json(
+        arm_dir / BOOTSTRAP,
+        {
+            "n_resamples": settings.n_resamples,
+            "seed": 0,
+            "cpm_samples": {
+                k: [v if math.isfinite(v) else None for v in a.tolist()] for k, a in samples.items()
+            },
+        },
+    )
     return float(report.cpm), overall["cpm_ci"], by_group, report_metrics(report, "test")
 
 
@@ -382,6 +404,39 @@ def matches(results: dict[Arm, ArmResult], sizes: Sequence[int]) -> list[Match]:
     return out
 
 
+def _arm_samples(out: Path, arm: Arm) -> dict[str, np.ndarray]:
+    path = out / "arms" / arm.name / BOOTSTRAP
+    if not path.is_file():
+        return {}
+    document = json.loads(path.read_text())
+    return {
+        k: np.array([np.nan if v is None else v for v in values])
+        for k, values in document["cpm_samples"].items()
+    }
+
+
+def paired_differences(
+    out: Path, results: dict[Arm, ArmResult], sizes: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Painted − sphere CPM at each size and group, with a paired bootstrap 95 % CI (both arms were
+    evaluated on the same test cases with the same resample draws, so the test set's own variance —
+    which case happened to be hard — cancels, and the CI is much narrower than two separate ones)."""
+    rows = []
+    for n in sizes:
+        painted, sphere = Arm("painted", n), Arm("sphere", n)
+        a, b = _arm_samples(out, painted), _arm_samples(out, sphere)
+        for group in (ALL_LESIONS, *SHAPE_GROUPS):
+            p, q = _cpm_of(results, painted, group), _cpm_of(results, sphere, group)
+            ci = paired_difference(a[group], b[group]) if group in a and group in b else None
+            rows.append({
+                "group": group,
+                "cases": n,
+                "difference": None if p is None or q is None else p - q,
+                "ci": None if ci is None else {"low": ci.low, "high": ci.high, "level": ci.level},
+            })  # fmt: skip
+    return rows
+
+
 def _cell(group: dict[str, Any]) -> str:
     if group["cpm"] is None:
         return "— (no lesions)"
@@ -419,9 +474,28 @@ def table_markdown(summary: dict[str, Any]) -> str:
         need = "not reached" if m["sphere_cases"] is None else f"{m['sphere_cases']:.1f}"
         ratio = "—" if m["ratio"] is None else f"{m['ratio']:.2f}×"
         lines.append(f"| {m['group']} | {m['painted_cases']} | {cpm} | {need} | {ratio} | {m['status']} |")
+    lines += [
+        "",
+        "## Painted − sphere CPM (paired bootstrap 95 % CI over the same test cases)",
+        "",
+        "| training cases | " + " | ".join(groups) + " |",
+        "|---|" + "---|" * len(groups),
+    ]
+    by_size: dict[int, dict[str, dict[str, Any]]] = {}
+    for row in summary["paired_differences"]:
+        by_size.setdefault(row["cases"], {})[row["group"]] = row
+    for n, row in by_size.items():
+        lines.append(f"| {n} | " + " | ".join(_difference_cell(row[g]) for g in groups) + " |")
     lines += ["", f"Time: {summary['seconds']['total']:.0f} s in all on {summary['settings_run']['device']} "
               f"({summary['settings_run']['threads']} threads); command: `{summary['command']}`", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _difference_cell(row: dict[str, Any]) -> str:
+    if row["difference"] is None:
+        return "—"
+    ci = "" if row["ci"] is None else f" [{row['ci']['low']:+.3f}, {row['ci']['high']:+.3f}]"
+    return f"{row['difference']:+.3f}{ci}"
 
 
 def plot_cpm_vs_cases(summary: dict[str, Any], path: Path) -> Path:
@@ -515,6 +589,7 @@ def run_sphere_vs_painted(
         "shape_groups": {g: list(f) for g, f in SHAPE_GROUPS.items()},
         "arms": [results[a].as_dict() for a in arms],
         "cases_to_match": [m.as_dict() for m in matches(results, settings.cases)],
+        "paired_differences": paired_differences(out, results, settings.cases),
         "reference": {"source": "Nomura et al. 2019", "ratio_low": REFERENCE_RATIO[0], "ratio_high": REFERENCE_RATIO[1]},
         "seconds": {
             "this_run": round(time.perf_counter() - started, 1),
