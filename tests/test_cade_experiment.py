@@ -152,6 +152,8 @@ def test_cases_to_match_interpolates_on_log_cases() -> None:
     # A curve that dips: the first size reaching the target counts.
     dip = cases_to_match("all", (10, 20, 40, 80), [0.5, 0.7, 0.6, 0.9], 80, 0.65)
     assert dip.sphere_cases == pytest.approx(math.exp(math.log(10) + 0.75 * math.log(2)))
+    zero = cases_to_match("all", sizes, [0.0, 0.0, 0.1], 10, 0.0)
+    assert zero.sphere_cases is None and "nothing to match" in zero.status
     absent = cases_to_match("x", sizes, [None, None, None], 10, None)
     assert absent.sphere_cases is None and "no lesions" in absent.status
 

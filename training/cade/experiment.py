@@ -23,9 +23,9 @@ one whose training finished is only re-evaluated)::
                                        bootstrap.json (CPM per resample: paired painted − sphere CIs)
     sphere_vs_painted.{json,md,png}    every number, the table, CPM vs training cases
 
-CPU time: one optimiser step (batch 4 of 64³ patches, UNet 16-32-64-128, 2 threads) measured 2.3 s on
-two cores that another training run was sharing (so roughly 1–2 s on two free cores): the default
-budget (600 steps) is ~12–25 min per arm, and 10,20,40,80 is 8 arms ≈ 1.5–3 h, plus evaluation (a few
+CPU time: one optimiser step (batch 4 of 64³ patches, UNet 16-32-64-128, 2 threads) measured 2.3–3.3 s
+on two cores that another training run was sharing (so roughly 1.5 s on two free cores): the default
+budget (600 steps) is ~15–30 min per arm, and 10,20,40,80 is 8 arms ≈ 2–4 h, plus evaluation (a few
 seconds per test case and arm) and the phantoms (~1.4 s per default-size case). ``--steps`` and
 ``--batch-size`` set the budget; ``--device cuda`` trains on an accelerator (evaluation always runs the
 served ONNX on the CPU). Each arm's wall and CPU seconds are in its result.
@@ -374,6 +374,8 @@ def cases_to_match(
     it, interpolated on log cases from the size before (where the curve crosses the target)."""
     if target is None or any(v is None for v in sphere):
         return Match(group, painted_cases, target, None, "no lesions of this group in the test set")
+    if target <= 0:
+        return Match(group, painted_cases, target, None, "painted CPM is 0: nothing to match")
     for i, value in enumerate(sphere):
         if value >= target:  # type: ignore[operator]
             if i == 0:
