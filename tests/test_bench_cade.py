@@ -47,7 +47,8 @@ def test_bench_times_ct_detection_next_to_monai_and_radiographs(repository: Path
     assert "chest CT 80×80×48 (" in out
     assert "wlcad detect (end to end from the file)" in out and "cade_chest-ct-nodule/1" in out
     assert "MONAI sliding_window_inference (torch, onnxruntime per window batch" in out
-    assert "ratio MONAI / wlcad" in out
+    assert "wlcad tiling alone (numpy, onnxruntime)" in out
+    assert re.search(r"ratio MONAI / wlcad tiling: \d+\.\d\d×", out), out
     assert "per radiograph (2 × 192×160, cade_cxr-mass/1" in out
 
 
