@@ -165,3 +165,49 @@ def test_the_cli_options_load_without_torch() -> None:
 
     code = "import sys, training.cade.settings; sys.exit('torch' in sys.modules or 'monai' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
+
+
+# ----------------------------------------------------------------------------- patch sampling pools
+def test_every_lesion_is_a_patch_centre_equally_often_whatever_its_size() -> None:
+    """A 1-voxel nodule and a 20³ mass get the same number of candidate centres (drawing from all
+    lesion voxels would centre the big one 8000 times as often)."""
+    from training.cade.train import FOREGROUND_PER_LESION, lesion_balanced
+
+    label = np.zeros((40, 40, 40), np.uint8)
+    label[2:22, 2:22, 2:22] = 1
+    label[30, 30, 30] = 1
+    picks = lesion_balanced(label, np.random.default_rng(0))
+    small = np.ravel_multi_index((30, 30, 30), label.shape)
+    assert picks.size == 2 * FOREGROUND_PER_LESION
+    assert np.count_nonzero(picks == small) == FOREGROUND_PER_LESION
+    assert np.all(label.ravel()[picks] == 1)
+    assert lesion_balanced(np.zeros((8, 8, 8), np.uint8), np.random.default_rng(0)).size == 0
+
+
+def test_background_pool_holds_no_lesion_voxel_and_favours_bright_structure() -> None:
+    from training.cade.samples import WorkingCase
+    from training.cade.train import BRIGHT_LEVEL, indexed_case
+
+    image = np.zeros((1, 64, 64, 64), np.float32)
+    image[0, :, 10:30, 10:30] = 0.9  # bright structure: 10 % of the volume, the whole body here
+    label = np.zeros((1, 64, 64, 64), np.uint8)
+    label[0, 40:44, 40:44, 40:44] = 1
+    image[label > 0] = 0.9
+    case = indexed_case(WorkingCase("c", image, label), (64, 64, 64), np.random.default_rng(0))
+    assert not np.any(label.ravel()[case.bg])
+    bright_share = np.mean(image.ravel()[case.bg] > BRIGHT_LEVEL)
+    assert bright_share > 0.5  # the body and bright pools by design, against 10 % by volume
+
+
+def test_a_volume_smaller_than_the_tile_is_padded_with_air() -> None:
+    from training.cade.samples import WorkingCase
+    from training.cade.train import indexed_case
+
+    image = np.full((1, 10, 70, 30), 0.5, np.float32)
+    label = np.zeros((1, 10, 70, 30), np.uint8)
+    label[0, 5, 5, 5] = 1
+    case = indexed_case(WorkingCase("c", image, label), (64, 64, 64), np.random.default_rng(0))
+    assert tuple(case.image.shape) == (1, 64, 70, 64)
+    assert float(case.image[0, 20, 0, 0]) == 0.0
+    flat = np.ravel_multi_index((5, 5, 5), (64, 70, 64))
+    assert np.all(case.fg == flat)
