@@ -211,3 +211,11 @@ def test_a_volume_smaller_than_the_tile_is_padded_with_air() -> None:
     assert float(case.image[0, 20, 0, 0]) == 0.0
     flat = np.ravel_multi_index((5, 5, 5), (64, 70, 64))
     assert np.all(case.fg == flat)
+
+
+def test_more_levels_than_the_tile_can_halve_are_refused_naming_channels(tmp_path: Path) -> None:
+    settings = CadeTrainingSettings(out=tmp_path, cases=1, steps=1, channels=(4, 8, 16, 32, 64, 128, 256, 512))
+    with pytest.raises(InputError) as caught:
+        train_cade(TASK, settings)
+    assert caught.value.field == "channels"
+    assert not (tmp_path / "data").exists()

@@ -47,6 +47,8 @@ class CadeTrainingSettings:
             raise InputError(f"choose from {', '.join(TARGETS)}, got {self.target!r}", field="target")
         if not self.learning_rate > 0:
             raise InputError("must be > 0", field="learning_rate")
+        if len(self.channels) < 2 or min(self.channels) < 1:
+            raise InputError(f"need ≥ 2 levels of ≥ 1 channel, got {list(self.channels)}", field="channels")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--channels",
+        type=int,
+        nargs="+",
+        default=list(CHANNELS),
+        help=f"U-Net channels per level (default {' '.join(map(str, CHANNELS))}; one more level = twice the context)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--repository", type=Path, help="model repository (default OUT/model_repository)")
@@ -81,6 +90,7 @@ def settings_from_args(args: argparse.Namespace, command: str = "") -> CadeTrain
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
+        channels=tuple(args.channels),
         threads=args.threads,
         device=args.device,
         repository=args.repository,

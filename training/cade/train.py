@@ -255,6 +255,12 @@ def train_cade(task: CadeTask | str, settings: CadeTrainingSettings) -> CadeTrai
     """Phantoms → working frame → patches → U-Net → ONNX → ``cade_<task>/<version>/`` with its card."""
     task = get_task(task) if isinstance(task, str) else task
     settings.check()
+    stride = 2 ** (len(settings.channels) - 1)
+    if any(size % stride for size in task.tile):
+        raise InputError(
+            f"{len(settings.channels)} levels need tiles divisible by {stride}; {task.name}'s tile is {task.tile}",
+            field="channels",
+        )
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     train_manifest = phantom_split(task, "train", settings.cases, out / "data", settings.size_xyz)
