@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceLoss
 from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd
 from scipy import ndimage
 
@@ -158,15 +158,33 @@ class PatchSampler:
         return torch.stack(images), torch.stack(labels)
 
 
+class LesionDiceBCELoss(torch.nn.Module):
+    """BCE over every voxel plus a soft Dice per patch, averaged over the patches that hold a lesion.
+
+    A Dice over the whole batch is dominated by its largest lesion, so small nodules would not pull
+    their weight; a Dice per patch that also counts lesion-free patches asks those to predict a total
+    below one voxel (a run with it stalled at loss 1.0). Lesion-free patches teach through the BCE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=1.0, smooth_dr=1.0)
+        self.bce = torch.nn.BCEWithLogitsLoss()
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.bce(logits, labels)
+        with_lesion = labels.flatten(1).amax(dim=1) > 0
+        if bool(with_lesion.any()):
+            loss = loss + self.dice(logits[with_lesion], labels[with_lesion]).mean()
+        return loss
+
+
 def fit(
     task: CadeTask,
     cases: Sequence[WorkingCase],
     settings: CadeTrainingSettings,
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[torch.nn.Module, list[float], float]:
-    """The training loop: AdamW, one-cycle schedule (constant for a smoke run), Dice + BCE with the Dice
-    per patch (smoothed by 1 voxel, so a lesion-free patch costs what it predicts): a batch Dice is
-    dominated by the largest lesion in the batch, and small nodules would never pull their weight."""
+    """The training loop: AdamW, one-cycle schedule (constant for a smoke run), :class:`LesionDiceBCELoss`."""
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
@@ -179,7 +197,7 @@ def fit(
         if settings.steps >= 20
         else None
     )
-    loss_function = DiceCELoss(sigmoid=True, batch=False, smooth_nr=1.0, smooth_dr=1.0)
+    loss_function = LesionDiceBCELoss()
     sampler = PatchSampler(task, cases, settings.seed)
     losses: list[float] = []
     start = time.perf_counter()
