@@ -313,3 +313,26 @@ def test_a_ct_to_the_radiograph_detector_is_refused():
     with pytest.raises(InputError, match="2D detector") as error:
         Detector(spec, bright_blob_net, "x/1").detect(Volume(np.zeros((20, 64, 64)), (1.0, 1.0, 1.0)))
     assert error.value.field == "image"
+
+
+def test_tiles_of_air_are_not_run_and_read_as_no_lesion() -> None:
+    """skip_below: tiles with (almost) nothing above the level are never sent to the network; a tile
+    holding any body is, and its logits are the network's own."""
+    from services.cade.tiling import SKIPPED_LOGIT, TilingSpec, sliding_window
+
+    image = np.zeros((64, 64, 64), np.float32)
+    image[:20, :20, :20] = 0.5  # the "body" fills one corner
+    seen: list[int] = []
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        seen.append(len(batch))
+        return np.full(batch.shape, 3.0, np.float32)
+
+    spec = TilingSpec(tile=(32, 32, 32), overlap=0.0, max_batch=8, skip_below=0.05)
+    logits = sliding_window(image, infer, spec)
+    assert sum(seen) == 1  # of 8 tiles, only the one holding the body ran
+    assert logits[5, 5, 5] == pytest.approx(3.0)
+    assert logits[50, 50, 50] == pytest.approx(SKIPPED_LOGIT)
+    seen.clear()
+    everything = sliding_window(image, infer, TilingSpec(tile=(32, 32, 32), overlap=0.0, max_batch=8))
+    assert sum(seen) == 8 and np.allclose(everything, 3.0)

@@ -64,7 +64,10 @@ CHEST_CT_NODULE = CadeTask(
         task="chest-ct-nodule",
         frame=WorkingFrame(dims=3, spacing_mm=1.5),
         intensity=Intensity("window", -1000.0, 400.0),
-        tiling=TilingSpec(tile=(64, 64, 64), min_shape=(16, 16, 16), overlap=0.25, max_batch=4),
+        # Working intensity 0.05 is −930 HU: a tile with (almost) nothing denser is air outside the body.
+        tiling=TilingSpec(
+            tile=(64, 64, 64), min_shape=(16, 16, 16), overlap=0.25, max_batch=4, skip_below=0.05
+        ),
         floor=0.1,
         nms_radius_mm=10.0,
     ),
