@@ -219,3 +219,34 @@ def test_more_levels_than_the_tile_can_halve_are_refused_naming_channels(tmp_pat
         train_cade(TASK, settings)
     assert caught.value.field == "channels"
     assert not (tmp_path / "data").exists()
+
+
+def test_operating_points_come_from_validation_cases_into_the_card(tmp_path: Path) -> None:
+    """The card's cut-offs are measured on the validation seed (never trained or tested on) and read
+    back by the serving model as its operating points."""
+    from services.cade.model import CadeModel
+
+    argv = ["--out", str(tmp_path), "--cases", "1", "--size", *map(str, TINY), "--steps", "1"]
+    assert main([*argv, "--batch-size", "1", "--validation-cases", "1"]) == 0
+    card = ModelCard.read(tmp_path / "model_repository" / TASK.model_name)
+    points = card.versions["1"].extra["operating_points"]
+    assert set(points) <= {"1", "2", "4"} and all(0.0 <= v <= 1.0 for v in points.values())
+    validation = phantom_split(TASK, "validation", 1, tmp_path / "data", TINY)
+    assert "s1102" in validation.read_text()
+    assert (tmp_path / "evaluation" / "validation" / "froc.json").is_file()
+    model = CadeModel(TASK.serving, repository=tmp_path / "model_repository")
+    assert {f"{r:g}": t for r, t in model.operating_points.items()} == points
+
+
+def test_a_finished_run_is_calibrated_on_validation_cases(tmp_path: Path) -> None:
+    from training.cade.evaluate import calibrate_run
+
+    argv = ["--out", str(tmp_path), "--cases", "1", "--size", *map(str, TINY), "--steps", "1"]
+    assert main([*argv, "--batch-size", "1"]) == 0
+    model_dir = tmp_path / "model_repository" / TASK.model_name
+    assert "operating_points" not in ModelCard.read(model_dir).versions["1"].extra
+    points = calibrate_run(tmp_path, 1, threads=1)
+    entry = ModelCard.read(model_dir).versions["1"]
+    assert entry.extra["operating_points"] == points
+    assert "validation seed 1102 × 1 cases" in entry.data_manifest
+    assert entry.sha256 == sha256_file(model_dir / "1" / "model.onnx")

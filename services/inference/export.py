@@ -50,8 +50,12 @@ def register_onnx_model(
     dynamic_batching: bool = True,
     instance_kind: str = "KIND_GPU",
     instance_count: int = 1,
+    notes: str = "",
+    extra: dict | None = None,
 ) -> Path:
     """Write ``<repository>/<name>/<version>/model.onnx``, its config.pbtxt and card entry.
+
+    ``notes`` and ``extra`` go into the version's card entry (e.g. a detector's operating points).
 
     ``onnx_model`` is a path or the serialized bytes (what ``torch.onnx.export`` writes to a BytesIO).
     ``version`` defaults to one above the highest existing one. config.pbtxt is regenerated from the
@@ -104,6 +108,8 @@ def register_onnx_model(
         git_commit=git_commit or current_git_commit(),
         metrics=dict(metrics),
         sha256=sha256_file(target),
+        notes=notes,
+        extra=dict(extra or {}),
     )
     ModelCard(name=name, description=description, versions=versions).write(model_dir)
     return target

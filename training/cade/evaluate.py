@@ -70,6 +70,25 @@ def report_metrics(report: CadeReport, prefix: str) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
+def operating_points(report: CadeReport) -> dict[str, float]:
+    """FP per case → the confidence cut-off that keeps the FP rate at or below it (the card's form)."""
+    return {
+        f"{p.max_fp_per_case:g}": round(p.threshold, 4)
+        for p in report.operating_points
+        if math.isfinite(p.threshold)
+    }
+
+
+def validation_operating_points(task: CadeTask, onnx: Path, settings, out_dir: Path) -> dict[str, float]:
+    """Operating points measured on the validation split: the cut-offs are chosen on cases that are
+    neither trained on nor tested on, so the test set's sensitivity at them is not tuned to it."""
+    detector = onnx_detector(task, onnx, settings.threads)
+    manifest = phantom_split(
+        task, "validation", settings.validation_cases, Path(settings.out) / "data", settings.size_xyz
+    )
+    return operating_points(evaluate_split(task, detector, manifest, out_dir / "validation"))
+
+
 def held_out_metrics(task: CadeTask, onnx: Path, settings, out_dir: Path) -> dict[str, float]:
     """Test (and hybrid-test) FROC metrics of ``onnx``, cases from seeds training never saw."""
     detector = onnx_detector(task, onnx, settings.threads)
@@ -84,3 +103,52 @@ def held_out_metrics(task: CadeTask, onnx: Path, settings, out_dir: Path) -> dic
             report = evaluate_split(task, detector, manifest, out_dir / split)
             metrics |= report_metrics(report, split.replace("-", "_"))
     return metrics
+
+
+def calibrate_run(run: Path, validation_cases: int, threads: int = 2) -> dict[str, float]:
+    """Measure a finished run's operating points on ``validation_cases`` of the validation seed and
+    write them into its registered card entry (what ``--validation-cases`` does during training)."""
+    import dataclasses
+    import json
+    from types import SimpleNamespace
+
+    from services.inference.card import ModelCard
+    from training.cade.tasks import get_task
+
+    record = json.loads((run / "training.json").read_text())
+    task = get_task(record["task"])
+    model = Path(record["model"])
+    size = record["settings"].get("size_xyz")
+    settings = SimpleNamespace(
+        out=run, validation_cases=validation_cases, threads=threads, size_xyz=tuple(size) if size else None
+    )
+    points = validation_operating_points(task, model, settings, run / "evaluation")
+    card = ModelCard.read(model.parent.parent)
+    version = model.parent.name
+    entry = card.versions[version]
+    command = (
+        f"{entry.command}; python -m training.cade.evaluate --run {run} --validation-cases {validation_cases}"
+    )
+    versions = dict(card.versions)
+    data = f"{entry.data_manifest}; operating points: validation seed {task.seeds.validation} × {validation_cases} cases"
+    versions[version] = dataclasses.replace(
+        entry, command=command, data_manifest=data, extra={**entry.extra, "operating_points": points}
+    )
+    dataclasses.replace(card, versions=versions).write(model.parent.parent)
+    return points
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="operating points of a finished CADe run (validation seed)")
+    parser.add_argument("--run", type=Path, required=True, help="the training run's --out folder")
+    parser.add_argument("--validation-cases", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(calibrate_run(args.run, args.validation_cases, args.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

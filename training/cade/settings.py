@@ -21,6 +21,8 @@ class CadeTrainingSettings:
     out: Path = Path("runs/cade")
     cases: int = 40
     test_cases: int = 0
+    #: Validation cases the card's operating points are measured on (0: no operating points).
+    validation_cases: int = 0
     hybrid_test_cases: int = 0
     size_xyz: tuple[int, int, int] | None = None
     target: Target = "sphere"
@@ -40,7 +42,7 @@ class CadeTrainingSettings:
         for name in ("cases", "steps", "batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise InputError(f"must be ≥ 1, got {getattr(self, name)}", field=name)
-        for name in ("test_cases", "hybrid_test_cases"):
+        for name in ("test_cases", "validation_cases", "hybrid_test_cases"):
             if getattr(self, name) < 0:
                 raise InputError(f"must be ≥ 0, got {getattr(self, name)}", field=name)
         if self.target not in TARGETS:
@@ -59,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cases", type=int, default=40, help="training phantom cases (default 40)")
     parser.add_argument("--test-cases", type=int, default=0, help="held-out test cases to evaluate (FROC)")
+    parser.add_argument(
+        "--validation-cases",
+        type=int,
+        default=0,
+        help="validation cases the card's operating points (cut-offs at 1/2/4 FP per case) are measured on",
+    )
     parser.add_argument("--hybrid-test-cases", type=int, default=0, help="held-out hybrid cases to evaluate")
     parser.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="phantom grid size")
     parser.add_argument("--target", choices=TARGETS, default="sphere", help="weak spheres or exact masks")
@@ -83,6 +91,7 @@ def settings_from_args(args: argparse.Namespace, command: str = "") -> CadeTrain
         out=args.out,
         cases=args.cases,
         test_cases=args.test_cases,
+        validation_cases=args.validation_cases,
         hybrid_test_cases=args.hybrid_test_cases,
         size_xyz=tuple(args.size) if args.size else None,
         target=args.target,

@@ -222,7 +222,8 @@ def data_description(task: CadeTask, settings: CadeTrainingSettings) -> str:
     seeds = task.seeds
     return (
         f"{task.name} phantoms ({size}), {settings.target} targets: train seed {seeds.train} × {settings.cases} "
-        f"cases; held out: validation seed {seeds.validation}, test seed {seeds.test}"
+        f"cases; held out: validation seed {seeds.validation} × {settings.validation_cases} cases (operating "
+        f"points), test seed {seeds.test}"
         f" × {settings.test_cases} cases, hybrid-test seed {seeds.hybrid_test}"
         f" × {settings.hybrid_test_cases} cases (real {task.name} sample background)"
     )
@@ -307,6 +308,11 @@ def train_cade(task: CadeTask | str, settings: CadeTrainingSettings) -> CadeTrai
         from training.cade.evaluate import held_out_metrics
 
         metrics |= held_out_metrics(task, out / "model.onnx", settings, out / "evaluation")
+    points: dict[str, float] = {}
+    if settings.validation_cases:
+        from training.cade.evaluate import validation_operating_points
+
+        points = validation_operating_points(task, out / "model.onnx", settings, out / "evaluation")
     repository = settings.repository or out / "model_repository"
     path = register_onnx_model(
         repository,
@@ -319,6 +325,7 @@ def train_cade(task: CadeTask | str, settings: CadeTrainingSettings) -> CadeTrai
         description=describe(task, settings),
         max_batch_size=task.tiling().max_batch,
         preferred_batch_sizes=(task.tiling().max_batch,),
+        extra={"operating_points": points} if points else None,
     )
     record = out / "training.json"
     record.write_text(
