@@ -21,7 +21,7 @@ from training.cade.settings import CHANNELS
 PRIOR_PROBABILITY = 0.01
 
 
-def build_network(dims: int, channels: tuple[int, ...] = CHANNELS) -> torch.nn.Module:
+def build_network(dims: int, channels: tuple[int, ...] = CHANNELS, norm: str = "instance") -> torch.nn.Module:
     """A residual U-Net; ``len(channels) - 1`` stride-2 levels, so tiles must divide by 2**that."""
     network = UNet(
         spatial_dims=dims,
@@ -30,7 +30,7 @@ def build_network(dims: int, channels: tuple[int, ...] = CHANNELS) -> torch.nn.M
         channels=channels,
         strides=(2,) * (len(channels) - 1),
         num_res_units=1,
-        norm="instance",
+        norm=norm,
         dropout=0.0,
     )
     last = [m for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)][-1]

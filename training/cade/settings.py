@@ -12,6 +12,7 @@ from training.cade.samples import TARGETS, Target
 
 #: The U-Net's channels per level (training.cade.network builds it).
 CHANNELS = (16, 32, 64, 128)
+NORMS = ("instance", "batch")
 
 
 @dataclass
@@ -31,6 +32,11 @@ class CadeTrainingSettings:
     learning_rate: float = 2e-3
     seed: int = 0
     channels: tuple[int, ...] = CHANNELS
+    #: Training patch (array order); None → the serving tile. A smaller patch shows the network many
+    #: more lesions per second; with ``norm="batch"`` the served tile size does not change what it computes.
+    patch: tuple[int, ...] | None = None
+    #: "instance" (statistics of each tile) or "batch" (running statistics, fixed at export).
+    norm: str = "instance"
     threads: int = 2
     device: str = "cpu"
     #: Where the model is registered; None → ``out/model_repository`` (never the shipped one by default).
@@ -49,6 +55,10 @@ class CadeTrainingSettings:
             raise InputError(f"choose from {', '.join(TARGETS)}, got {self.target!r}", field="target")
         if not self.learning_rate > 0:
             raise InputError("must be > 0", field="learning_rate")
+        if self.norm not in NORMS:
+            raise InputError(f"choose from {', '.join(NORMS)}, got {self.norm!r}", field="norm")
+        if self.patch is not None and min(self.patch) < 8:
+            raise InputError(f"needs sizes ≥ 8, got {list(self.patch)}", field="patch")
         if len(self.channels) < 2 or min(self.channels) < 1:
             raise InputError(f"need ≥ 2 levels of ≥ 1 channel, got {list(self.channels)}", field="channels")
 
@@ -81,6 +91,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=list(CHANNELS),
         help=f"U-Net channels per level (default {' '.join(map(str, CHANNELS))}; one more level = twice the context)",
     )
+    parser.add_argument(
+        "--patch",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="training patch, array order (default: the serving tile)",
+    )
+    parser.add_argument("--norm", choices=NORMS, default="instance", help="U-Net normalisation")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--repository", type=Path, help="model repository (default OUT/model_repository)")
@@ -100,6 +118,8 @@ def settings_from_args(args: argparse.Namespace, command: str = "") -> CadeTrain
         learning_rate=args.learning_rate,
         seed=args.seed,
         channels=tuple(args.channels),
+        patch=tuple(args.patch) if args.patch else None,
+        norm=args.norm,
         threads=args.threads,
         device=args.device,
         repository=args.repository,

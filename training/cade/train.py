@@ -65,7 +65,7 @@ BODY_LEVEL, BRIGHT_LEVEL = 0.05, 0.5
 FOREGROUND_PER_LESION = 256
 
 
-def patch_transforms(task: CadeTask, seed: int) -> Compose:
+def patch_transforms(task: CadeTask, seed: int, patch: tuple[int, ...] | None = None) -> Compose:
     """Pad to a tile (with the air value 0, as serving pads), crop one tile around a lesion voxel or a
     background voxel with equal odds — from indices computed once per case (``fg``/``bg`` keys), since
     MONAI otherwise scans the whole volume for them on every draw — and flip along every axis (no side
@@ -77,7 +77,7 @@ def patch_transforms(task: CadeTask, seed: int) -> Compose:
             RandCropByPosNegLabeld(
                 keys,
                 label_key="label",
-                spatial_size=task.tile,
+                spatial_size=patch or task.tile,
                 pos=1.0,
                 neg=1.0,
                 num_samples=1,
@@ -139,12 +139,15 @@ def lesion_balanced(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 class PatchSampler:
     """Seeded batches of (image, label) patches drawn from cases chosen uniformly."""
 
-    def __init__(self, task: CadeTask, cases: Sequence[WorkingCase], seed: int) -> None:
+    def __init__(
+        self, task: CadeTask, cases: Sequence[WorkingCase], seed: int, patch: tuple[int, ...] | None = None
+    ) -> None:
         if not cases:
             raise InputError("no training cases", field="cases")
+        patch = patch or task.tile
         self.rng = np.random.default_rng(seed)
-        self.cases = [indexed_case(case, task.tile, self.rng) for case in cases]
-        self.transforms = patch_transforms(task, seed)
+        self.cases = [indexed_case(case, patch, self.rng) for case in cases]
+        self.transforms = patch_transforms(task, seed, patch)
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = [], []
@@ -188,7 +191,7 @@ def fit(
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
-    network = build_network(task.dims, settings.channels).to(device)
+    network = build_network(task.dims, settings.channels, settings.norm).to(device)
     optimiser = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
     schedule = (
         torch.optim.lr_scheduler.OneCycleLR(
@@ -198,7 +201,7 @@ def fit(
         else None
     )
     loss_function = LesionDiceBCELoss()
-    sampler = PatchSampler(task, cases, settings.seed)
+    sampler = PatchSampler(task, cases, settings.seed, settings.patch)
     losses: list[float] = []
     start = time.perf_counter()
     network.train()
@@ -249,7 +252,8 @@ def describe(task: CadeTask, settings: CadeTrainingSettings) -> str:
         f"{task.frame.spacing_mm} mm isotropic" if task.dims == 3 else f"long side {task.frame.long_side} px"
     )
     return (
-        f"CADe heatmap detector for {task.name}: MONAI UNet (channels {list(settings.channels)}) trained on "
+        f"CADe heatmap detector for {task.name}: MONAI UNet (channels {list(settings.channels)}, {settings.norm} "
+        f"norm, patches {list(settings.patch or task.tile)}) trained on "
         f"{settings.target} labels from lesion centre + max diameter; working frame {frame}, intensity "
         f"{task.intensity.kind} [{task.intensity.low}, {task.intensity.high}] → [0, 1]; input 'image' "
         f"(n,1,{layout}) = (n,1,{','.join(map(str, task.tile))}), output 'logits' of the same shape."
@@ -279,6 +283,12 @@ def train_cade(task: CadeTask | str, settings: CadeTrainingSettings) -> CadeTrai
         raise InputError(
             f"{len(settings.channels)} levels need tiles divisible by {stride}; {task.name}'s tile is {task.tile}",
             field="channels",
+        )
+    if settings.patch is not None and (
+        len(settings.patch) != task.dims or any(size % stride for size in settings.patch)
+    ):
+        raise InputError(
+            f"needs {task.dims} sizes divisible by {stride}, got {list(settings.patch)}", field="patch"
         )
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
