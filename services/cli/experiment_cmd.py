@@ -36,7 +36,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         description=(
             "For each training-set size, train the CADe detector on sphere labels (centre + max "
             "diameter) and on exact painted masks (same seed, cases and budget), evaluate both on one "
-            "held-out test set, and report CPM with 95 %% CIs per shape family and the cases spheres need "
+            "held-out test set, and report CPM with 95 % CIs per shape family and the cases spheres need "
             "to match painted labels. Resumable: an arm whose result.json exists is not rerun. CPU time: "
             "about 1.5-3 s per step on 2 cores (600 steps ≈ 15-30 min per arm; 4 sizes = 8 arms ≈ 2-4 h); "
             "raise --steps/--batch-size with --device cuda on an accelerator."
@@ -52,6 +52,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=600, help="optimiser steps per arm (default 600)")
     parser.add_argument("--batch-size", type=int, default=4, help="patches per step (default 4)")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument(
+        "--patch", type=int, nargs="+", metavar="N", help="training patch (default: the tile)"
+    )
+    parser.add_argument(
+        "--norm", choices=("instance", "batch"), default="instance", help="U-Net normalisation"
+    )
     parser.add_argument("--seed", type=int, default=0, help="network and patch seed, the same for every arm")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
@@ -75,6 +81,8 @@ def run_sphere_vs_painted(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        patch=tuple(args.patch) if args.patch else None,
+        norm=args.norm,
         seed=args.seed,
         n_resamples=args.resamples,
         threads=args.threads,

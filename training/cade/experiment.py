@@ -86,6 +86,8 @@ class ExperimentSettings:
     learning_rate: float = 2e-3
     seed: int = 0
     channels: tuple[int, ...] = CHANNELS
+    patch: tuple[int, ...] | None = None
+    norm: str = "instance"
     n_resamples: int = DEFAULT_RESAMPLES
     threads: int = 2
     device: str = "cpu"
@@ -230,6 +232,8 @@ def _training_settings(settings: ExperimentSettings, arm: Arm, arm_dir: Path) ->
         learning_rate=settings.learning_rate,
         seed=settings.seed,
         channels=settings.channels,
+        patch=settings.patch,
+        norm=settings.norm,
         threads=settings.threads,
         device=settings.device,
         command=f"{settings.command} (arm {arm.name})" if settings.command else "",
@@ -243,7 +247,19 @@ def _finished_training(arm_dir: Path, training: CadeTrainingSettings) -> dict[st
         return None
     found = json.loads(record.read_text())
     recorded = found.get("settings", {})
-    for key in ("cases", "target", "steps", "batch_size", "learning_rate", "seed", "channels", "size_xyz"):
+    keys = (
+        "cases",
+        "target",
+        "steps",
+        "batch_size",
+        "learning_rate",
+        "seed",
+        "channels",
+        "size_xyz",
+        "patch",
+        "norm",
+    )
+    for key in keys:
         if recorded.get(key) != _plain(getattr(training, key)):
             return None
     return found
