@@ -35,6 +35,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from services.cli.demo_detection import run_detection
 from services.core.errors import InputError
 from services.core.lesion_prompt import LesionPrompt
 from services.core.overlay import (
@@ -390,8 +391,10 @@ def run(args: argparse.Namespace) -> int:
 
     print("\nreal samples:")
     summary["real_samples"] = {}
-    for case in real_sample_plan():
+    real_samples = real_sample_plan()
+    for case in real_samples:
         summary["real_samples"][case.name] = _real_case(client, args, token, case, methods, out)
+    summary["detection"] = run_detection(args.address, token, out, args.seed, real_samples)
 
     print(
         f"\nDice against the phantoms' exact truth (hybrid: lesions inserted into real backgrounds), {out}/:"
