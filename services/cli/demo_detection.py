@@ -114,19 +114,22 @@ def _phantom_task(client: DetectionClient, task: str, out: Path, seed: int) -> T
     )
 
 
-def _marked_hits(result: DetectionResult, marks: list[dict]) -> tuple[list[int], int]:
-    """Reader marks (pixel column, row, diameter) a candidate centre falls inside; others elsewhere."""
-    hit, elsewhere = set(), 0
-    for cand in result.candidates:
+def _marked_hits(result: DetectionResult, marks: list[dict]) -> tuple[dict[int, int], int]:
+    """Each reader mark (pixel column, row, diameter) a candidate centre falls inside → the best such
+    candidate's rank (1 = strongest); and how many candidates fall on no mark."""
+    ranks: dict[int, int] = {}
+    elsewhere = 0
+    for rank, cand in enumerate(result.candidates, start=1):
         column, row = cand.center_voxel[0], cand.center_voxel[1]
         inside = [
             m["lesion_id"]
             for m in marks
             if np.hypot(column - m["column"], row - m["row"]) <= m["diameter_px"] / 2.0
         ]
-        hit.update(inside)
+        for lesion_id in inside:
+            ranks.setdefault(lesion_id, rank)
         elsewhere += not inside
-    return sorted(hit), elsewhere
+    return dict(sorted(ranks.items())), elsewhere
 
 
 def _real_detection(client: DetectionClient, task: str, sample, out: Path) -> dict:
@@ -141,12 +144,17 @@ def _real_detection(client: DetectionClient, task: str, sample, out: Path) -> di
     record = {"task": task, "threshold": round(response.threshold, 4), "candidates": len(result.candidates)}
     if sample.name == "chest-xray":
         marks = json.loads(READER_MARKS.read_text())["lesions"]
-        hit, elsewhere = _marked_hits(result, marks)
-        record |= {"reader_marked": len(marks), "reader_marked_found": hit, "candidates_elsewhere": elsewhere}
+        ranks, elsewhere = _marked_hits(result, marks)
+        record |= {
+            "reader_marked": len(marks),
+            "reader_marked_rank": ranks,
+            "candidates_elsewhere": elsewhere,
+        }
+        shown = ", ".join(f"mark {m} at rank {r}" for m, r in ranks.items()) or "none"
         print(
-            f"  real {sample.name} ({task}): {len(hit)}/{len(marks)} reader-marked masses have a candidate "
-            f"(marks {hit}); {elsewhere} candidate(s) elsewhere (fainter masses are unmarked) "
-            f"→ {out / sample.name}/detection-{task}.png"
+            f"  real {sample.name} ({task}): {len(ranks)}/{len(marks)} reader-marked masses have a candidate "
+            f"({shown}) among {len(result.candidates)}; {elsewhere} candidate(s) on no mark (fainter "
+            f"masses are unmarked) → {out / sample.name}/detection-{task}.png"
         )
     else:
         print(
