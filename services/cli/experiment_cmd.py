@@ -38,7 +38,8 @@ def register(commands: argparse._SubParsersAction) -> None:
             "diameter) and on exact painted masks (same seed, cases and budget), evaluate both on one "
             "held-out test set, and report CPM with 95 % CIs per shape family and the cases spheres need "
             "to match painted labels. Resumable: an arm whose result.json exists is not rerun. CPU time: "
-            "about 1.5-3 s per step on 2 cores (600 steps ≈ 15-30 min per arm; 4 sizes = 8 arms ≈ 2-4 h); "
+            "about 0.55 s per step (batch 4, 64³) on 2 free cores, 1.6-1.9 s with other work beside it "
+            "(measured: 300 steps = 484-570 s per arm); 600 steps ≈ 6-20 min per arm, 8 arms ≈ 1-3 h; "
             "raise --steps/--batch-size with --device cuda on an accelerator."
         ),
     )
