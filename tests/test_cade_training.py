@@ -214,7 +214,9 @@ def test_a_volume_smaller_than_the_tile_is_padded_with_air() -> None:
 
 
 def test_more_levels_than_the_tile_can_halve_are_refused_naming_channels(tmp_path: Path) -> None:
-    settings = CadeTrainingSettings(out=tmp_path, cases=1, steps=1, channels=(4, 8, 16, 32, 64, 128, 256, 512))
+    settings = CadeTrainingSettings(
+        out=tmp_path, cases=1, steps=1, channels=(4, 8, 16, 32, 64, 128, 256, 512)
+    )
     with pytest.raises(InputError) as caught:
         train_cade(TASK, settings)
     assert caught.value.field == "channels"
