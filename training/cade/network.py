@@ -7,14 +7,13 @@ batch and the tile fixed, which is what :mod:`services.cade.tiling` feeds it.
 
 from __future__ import annotations
 
-import io
 import math
 
 import torch
 from monai.networks.nets import UNet
 
-from services.label_estimation.unet import INPUT_NAME, OUTPUT_NAME
 from training.cade.settings import CHANNELS
+from training.onnx_export import export_onnx as export_network
 
 #: The lesion fraction the output layer starts at (RetinaNet's prior): background begins near 0, so the
 #: first steps are not spent pushing a whole image's worth of voxels down from p = 0.5.
@@ -41,17 +40,4 @@ def build_network(dims: int, channels: tuple[int, ...] = CHANNELS, norm: str = "
 
 def export_onnx(network: torch.nn.Module, tile: tuple[int, ...]) -> bytes:
     """ONNX bytes: input ``image`` (batch, 1, *tile) float32, output ``logits`` of the same shape."""
-    network = network.eval().cpu()
-    example = torch.zeros(1, 1, *tile)
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        network,
-        (example,),
-        buffer,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    return buffer.getvalue()
+    return export_network(network, tile)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
-
 import torch
 from monai.networks.nets import UNet
 
-from services.label_estimation.unet import INPUT_NAME, OUTPUT_NAME
 from services.label_estimation.voi import VOI_SIZE
+from training.onnx_export import export_onnx as export_network
 
 CHANNELS = (16, 32, 64, 128)
 
@@ -28,17 +26,4 @@ def build_network(channels: tuple[int, ...] = CHANNELS) -> torch.nn.Module:
 
 def export_onnx(network: torch.nn.Module) -> bytes:
     """ONNX with a dynamic batch axis and the tensor names the serving pipeline uses."""
-    network = network.eval().cpu()
-    example = torch.zeros(1, 1, VOI_SIZE, VOI_SIZE, VOI_SIZE)
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        network,
-        (example,),
-        buffer,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    return buffer.getvalue()
+    return export_network(network, (VOI_SIZE,) * 3)
