@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -86,6 +87,33 @@ def test_truncated_nifti_and_unknown_format_are_clear_errors(sample, tmp_path: P
         read_image(unknown)
     with pytest.raises(InputError, match="does not exist"):
         read_image(tmp_path / "nope.nii.gz")
+
+
+# A fuzzer-found input: DICOM bytes (an OA element declaring 0xFFFFFCFF bytes) in a file named .nrrd.
+# ITK used to probe every ImageIO and hand it to GDCM, which tried to allocate 4 GiB.
+_DICOM_BYTES_DECLARING_4_GIB = (
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAABAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAABAAAAAAAAAAkAAAAAAAAAAAAAAAAAAAAAAAAAAABESUNNAgABAE9B////////"
+    "/AE="
+)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".mhd"])
+def test_a_file_named_for_an_itk_format_is_read_as_that_format_only(
+    sample, tmp_path: Path, suffix: str
+) -> None:
+    from services.api.sources import check_declared_size
+
+    series = sample("ct-dicom-series")
+    disguised = tmp_path / f"image{suffix}"
+    disguised.write_bytes(next(p for p in sorted(series.iterdir()) if p.is_file()).read_bytes())
+    with pytest.raises(InputError, match=rf"image\{suffix}"):
+        read_image(disguised)
+    with pytest.raises(InputError, match="unreadable header"):
+        check_declared_size(disguised, "image")
+    disguised.write_bytes(base64.b64decode(_DICOM_BYTES_DECLARING_4_GIB))
+    with pytest.raises(InputError):
+        read_image(disguised)
 
 
 # --------------------------------------------------------------------------- CIRCUS CS input

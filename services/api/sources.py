@@ -188,8 +188,9 @@ def _declared_size(path: Path) -> tuple[int, int]:
     if name.endswith((".nrrd", ".mha", ".mhd")):
         import SimpleITK as sitk
 
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
+        from services.core.io.itk_formats import itk_reader
+
+        reader = itk_reader(path)
         reader.ReadImageInformation()
         voxels = math.prod(reader.GetSize()) * reader.GetNumberOfComponents()
         kind = sitk.GetPixelIDValueAsString(reader.GetPixelID())
