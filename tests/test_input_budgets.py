@@ -338,6 +338,49 @@ def test_a_file_header_asking_for_more_bytes_than_an_upload_is_refused(tmp_path)
     assert refused.value.field == "image.file.content"
 
 
+SECRET = b"token=not-for-clients-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("filename", "header"),
+    [
+        (
+            "image.nrrd",
+            "NRRD0004\ntype: uint8\ndimension: 2\nsizes: 8 4\nencoding: raw\ndata file: {secret}\n\n",
+        ),
+        (
+            "image.nrrd",
+            "NRRD0004\ntype: uint8\ndimension: 2\nsizes: 8 4\nencoding: raw\ndatafile: {secret}\n\n",
+        ),
+        (
+            "image.mha",
+            "ObjectType = Image\nNDims = 2\nDimSize = 8 4\nElementType = MET_UCHAR\nElementDataFile = {secret}\n",
+        ),
+    ],
+)
+def test_an_upload_naming_a_server_file_as_its_data_is_refused_unread(tmp_path, filename, header):
+    """NRRD and MetaImage may keep their voxels in another file, by absolute path: the service read
+    whatever server file a client's header named. The refusal names the field and leaks nothing."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(SECRET)
+    with pytest.raises(InputError, match="data file outside itself") as refused:
+        volume_from_file(filename, header.format(secret=secret).encode())
+    assert refused.value.field == "image.file.content"
+    assert "not-for-clients" not in str(refused.value)
+
+
+def test_an_nrrd_and_an_mha_holding_their_own_data_still_read(tmp_path):
+    raw = bytes(range(32))
+    nrrd = b"NRRD0004\ntype: uint8\ndimension: 2\nsizes: 8 4\nencoding: raw\n\n" + raw
+    mha = (
+        b"ObjectType = Image\nNDims = 2\nDimSize = 8 4\nElementType = MET_UCHAR\nElementDataFile = LOCAL\n"
+        + raw
+    )
+    for filename, content in (("image.nrrd", nrrd), ("image.mha", mha)):
+        volume = volume_from_file(filename, content)
+        assert sorted(int(v) for v in volume.array.ravel()) == list(range(32))
+
+
 def _vm_rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -171,6 +171,36 @@ class _BudgetedFile(io.FileIO):
 
 
 _SITK_BITS = re.compile(r"([0-9]+)-bit")
+#: How much of an NRRD or MetaImage file its text header may take (real headers are < 4 KiB).
+_TEXT_HEADER_BYTES = 1 << 16
+_NRRD_DATA_FILE_KEYS = ("data file", "datafile")
+
+
+def _external_data_file(path: Path) -> str | None:
+    """The data file an NRRD or MetaImage header points to outside itself, or ``None``.
+
+    Both formats may keep their voxels elsewhere (NRRD ``data file:``, MetaImage
+    ``ElementDataFile =``), by absolute path too: a client's ``.nrrd`` naming ``/etc/passwd`` made
+    the service read that file as voxels. A ``.nrrd`` or ``.mha`` must hold its own data; a ``.mhd``
+    (local and CIRCUS CS folders only) may name a file beside it, never a path."""
+    with path.open("rb") as handle:
+        text = handle.read(_TEXT_HEADER_BYTES).decode("latin-1")
+    name = path.name.lower()
+    if name.endswith((".nrrd", ".nhdr")):
+        for line in text.split("\n\n", 1)[0].splitlines()[1:]:
+            key, _, value = line.partition(":")
+            if key.strip().lower() in _NRRD_DATA_FILE_KEYS:
+                return value.strip() or "(empty)"
+        return None
+    for line in text.splitlines():
+        key, equals, value = line.partition("=")
+        if equals and key.strip().lower() == "elementdatafile":
+            target = value.strip()
+            if target.upper() == "LOCAL":
+                return None
+            plain_name = target == Path(target).name and "\\" not in target and target.upper() != "LIST"
+            return None if name.endswith(".mhd") and plain_name and "%" not in target else target
+    return None
 
 
 def _declared_size(path: Path) -> tuple[int, int]:
@@ -187,6 +217,9 @@ def _declared_size(path: Path) -> tuple[int, int]:
         return voxels, declared
     if name.endswith((".nrrd", ".mha", ".mhd")):
         import SimpleITK as sitk
+
+        if _external_data_file(path) is not None:
+            raise InputError("the header names a data file outside itself; send the image as one file")
 
         from services.core.io.itk_formats import itk_reader
 
