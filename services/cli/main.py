@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services.cli import (
+    circus_cmd,
     data_cmd,
     demo_cmd,
     detect_cmd,
@@ -49,6 +50,7 @@ _COMMANDS = (
     triton_cmd,
     serve_cmd,
     demo_cmd,
+    circus_cmd,
 )
 
 
