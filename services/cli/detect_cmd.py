@@ -1,4 +1,5 @@
-"""``wlcad detect``: a task's lesion candidates on one image, as JSON and optionally an overlay PNG.
+"""``wlcad detect``: a task's lesion candidates on one image, as JSON, optionally an overlay PNG and a
+DICOM SR (TID 1500, :mod:`services.core.io.dicom_sr`).
 
 Every check that can fail on the input runs before anything is written (task, cut-off, output
 paths, the image, the model), and each output is atomic, so a failed run leaves no file and a
@@ -51,6 +52,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--overlay", type=Path, metavar="PNG", help="also write an overlay PNG here")
     parser.add_argument(
+        "--sr",
+        type=Path,
+        metavar="DCM",
+        help="also write a DICOM SR (TID 1500) of the candidates (DICOM input only)",
+    )
+    parser.add_argument(
         "--inference", metavar="SETTING", help="embedded (default) or triton://host:port ($WLCAD_INFERENCE)"
     )
     parser.add_argument(
@@ -78,6 +85,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
         if args.overlay.suffix.lower() != ".png":
             raise InputError(f"{args.overlay.name}: the overlay must end in .png", field="overlay")
         check_writable(args.overlay, "overlay")
+    if args.sr is not None:
+        check_writable(args.sr, "sr")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,11 +101,19 @@ def run(args: argparse.Namespace) -> int:
         return _run_batch(args, task, cutoff)
     _check_outputs(args)
     image = read_image(args.image, series_instance_uid=args.series_uid)
+    if args.sr is not None:  # refused before the model runs, as --seg is for estimate
+        from services.core.io.dicom_sr import check_sr_source
+
+        check_sr_source(image)
     with CadeModel(task, args.inference, args.model_repository) as model:
         threshold = cutoff.resolve(model)
         kept = detect_at(model, image, threshold)
     if args.overlay is not None:
         render_detections(image, kept, task, threshold, args.overlay)
+    if args.sr is not None:
+        from services.core.io.dicom_sr import write_detection_sr
+
+        write_detection_sr(kept, image, args.image, args.sr, model_name=task.model_name)
     write_json(args.out, kept.as_dict(model=task.model_name))
     print(
         f"{task.name}: {len(kept.candidates)} candidate(s) at confidence ≥ {threshold:.3g} "
@@ -144,6 +161,8 @@ def _run_batch(args: argparse.Namespace, task: CadeTask, cutoff: Cutoff) -> int:
 
     if args.overlay is not None:
         raise InputError("is for one image; a batch writes no overlays", field="overlay")
+    if args.sr is not None:
+        raise InputError("is for one image; a batch writes no SR", field="sr")
     check_writable(args.out, "out", folder=True)
     images, errors, has_lesions = _cases(args.manifest)
     summary = BatchSummary(failed=dict(errors))

@@ -47,6 +47,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--out", type=Path, required=True, help="mask file (.nii.gz/.nrrd/.mha) or, for batch/dose, a folder"
     )
     parser.add_argument("--seg", type=Path, help="also write a DICOM SEG (DICOM input only)")
+    parser.add_argument(
+        "--sr",
+        type=Path,
+        help="also write a DICOM SR (TID 1500) of the measurements, referencing the --seg (needs --seg)",
+    )
+    parser.add_argument(
+        "--lesion-type", default="", help="lesion type (e.g. solid, mass): coded in the SEG/SR, kept as text"
+    )
     parser.add_argument("--report", type=Path, help="also write the per-lesion JSON report here")
     parser.add_argument("--circus", type=Path, help="also write CIRCUS voxel labels into this folder")
     parser.add_argument("--series-uid", help="pick one series when the DICOM folder holds several")
@@ -79,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         from services.core.io.dicom_seg import check_seg_source
 
         check_seg_source(image)
+    if args.sr is not None:
+        from services.core.io.dicom_sr import check_sr_source
+
+        check_sr_source(image)
     if args.center_voxel is not None:
         prompt = prompt_from_voxel(image, args.center_voxel, args.diameter_mm, args.lesion_id)
     else:
@@ -100,7 +112,11 @@ def _check_single_outputs(args: argparse.Namespace) -> None:
 
     writable_suffix(args.out)
     check_writable(args.out, "out")
-    for field in ("seg", "report"):
+    if args.sr is not None and args.seg is None:
+        raise InputError("references the lesions' SEG: give --seg too", field="sr")
+    if len(args.lesion_type) > 64:
+        raise InputError("must be at most 64 characters", field="lesion_type")
+    for field in ("seg", "sr", "report"):
         if getattr(args, field) is not None:
             check_writable(getattr(args, field), field)
     if args.circus is not None:
@@ -108,10 +124,19 @@ def _check_single_outputs(args: argparse.Namespace) -> None:
 
 
 def _write_single(args: argparse.Namespace, image, estimates: list[LesionEstimate]) -> None:
-    from services.label_estimation.outputs import write_circus_labels, write_dicom_seg, write_json, write_mask
+    from services.label_estimation.outputs import (
+        write_circus_labels,
+        write_dicom_seg,
+        write_dicom_sr,
+        write_json,
+        write_mask,
+    )
 
+    types = {e.lesion_id: args.lesion_type for e in estimates} if args.lesion_type else None
     if args.seg is not None:  # first: its last checks (the source files' UIDs) need the files, read here
-        write_dicom_seg(image, estimates, args.image, args.seg)
+        write_dicom_seg(image, estimates, args.image, args.seg, types)
+    if args.sr is not None:  # references the SEG just written
+        write_dicom_sr(image, estimates, args.image, args.seg, args.sr, types)
     write_mask(image, estimates, args.out)
     if args.circus is not None:
         write_circus_labels(estimates, args.circus)

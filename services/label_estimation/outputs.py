@@ -1,4 +1,4 @@
-"""Write a set of lesion estimates: label map on the input grid, DICOM SEG, CIRCUS labels, JSON.
+"""Write a set of lesion estimates: label map on the input grid, DICOM SEG and SR, CIRCUS labels, JSON.
 
 Every file is written to a temporary name and renamed into place, so an interrupted or failed run
 never leaves a partial output that a resumed batch would mistake for a finished one.
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from services.core.atomic import write_bytes_atomically
 from services.core.errors import InputError
 from services.core.io import write_image
-from services.core.io.dicom_seg import write_seg
+from services.core.io.dicom_seg import SegLesion, seg_bytes
+from services.core.io.dicom_sr import SrLesion, estimation_sr_bytes
 from services.core.version import software_version
 from services.core.volume import Volume
 from services.label_estimation.circus_label import circus_voxel_label
@@ -56,11 +57,98 @@ def write_mask(image: Volume, estimates: Sequence[LesionEstimate], path: Path) -
     return write_image(image.with_array(label_map(image, estimates)), path)
 
 
-def write_dicom_seg(image: Volume, estimates: Sequence[LesionEstimate], source: Path, path: Path) -> Path:
-    lesions = [{"lesion_id": e.lesion_id, "method": e.method} for e in estimates if e.mask.voxel_count]
-    return write_seg(
-        source, image, label_map(image, estimates), lesions, path, software_version=software_version()
+def seg_lesions(
+    estimates: Sequence[LesionEstimate], lesion_types: Mapping[int, str] | None = None
+) -> list[SegLesion]:
+    """The SEG's segments, in order (segment number = position + 1): each non-empty estimate, its
+    algorithm version the model's (``label_unet3d/1``) or, without a model, the method's name, and
+    its lesion type from the prompt or manifest (``lesion_types``: lesion id → type)."""
+    types = dict(lesion_types or {})
+    return [
+        SegLesion(e.lesion_id, e.method, e.model_version or e.method, types.get(e.lesion_id, ""))
+        for e in estimates
+        if e.mask.voxel_count
+    ]
+
+
+def dicom_seg_bytes(
+    image: Volume,
+    estimates: Sequence[LesionEstimate],
+    source: Path,
+    lesion_types: Mapping[int, str] | None = None,
+) -> bytes:
+    """The DICOM SEG of ``estimates`` on the DICOM source ``source`` as Part 10 bytes (for a service).
+
+    Raises:
+        InputError: naming ``seg`` (not DICOM, anonymised UIDs, no non-empty lesion).
+    """
+    return seg_bytes(
+        source,
+        image,
+        label_map(image, estimates),
+        seg_lesions(estimates, lesion_types),
+        software_version=software_version(),
     )
+
+
+def write_dicom_seg(
+    image: Volume,
+    estimates: Sequence[LesionEstimate],
+    source: Path,
+    path: Path,
+    lesion_types: Mapping[int, str] | None = None,
+) -> Path:
+    """:func:`dicom_seg_bytes` written atomically to ``path``.
+
+    Raises:
+        InputError: as :func:`dicom_seg_bytes`.
+    """
+    return write_bytes_atomically(path, dicom_seg_bytes(image, estimates, source, lesion_types))
+
+
+def dicom_sr_bytes(
+    image: Volume,
+    estimates: Sequence[LesionEstimate],
+    source: Path,
+    seg: bytes | Path,
+    lesion_types: Mapping[int, str] | None = None,
+) -> bytes:
+    """The TID 1500 SR of ``estimates`` (volume, maximum diameter, axial long/short per lesion),
+    each referencing its segment in ``seg`` (the SEG :func:`dicom_seg_bytes` made of the same
+    estimates, as bytes or a file), as Part 10 bytes.
+
+    Raises:
+        InputError: naming ``sr`` (not DICOM, a SEG of other images or without the segment) or
+            ``measurements``.
+    """
+    lesions = [
+        SrLesion(s.lesion_id, number, e.measurements, s.method, s.algorithm_version, s.lesion_type)
+        for number, (s, e) in enumerate(
+            zip(
+                seg_lesions(estimates, lesion_types),
+                [e for e in estimates if e.mask.voxel_count],
+                strict=True,
+            ),
+            start=1,
+        )
+    ]
+    return estimation_sr_bytes(lesions, seg, image, source)
+
+
+def write_dicom_sr(
+    image: Volume,
+    estimates: Sequence[LesionEstimate],
+    source: Path,
+    seg: bytes | Path,
+    path: Path,
+    lesion_types: Mapping[int, str] | None = None,
+) -> Path:
+    """:func:`dicom_sr_bytes` written atomically to ``path``.
+
+    Raises:
+        InputError: as :func:`dicom_sr_bytes`.
+    """
+    return write_bytes_atomically(path, dicom_sr_bytes(image, estimates, source, seg, lesion_types))
 
 
 def write_circus_labels(estimates: Sequence[LesionEstimate], folder: Path) -> list[Path]:
