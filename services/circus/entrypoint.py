@@ -34,7 +34,7 @@ from services.core.volume import Volume
 
 log = logging.getLogger(__name__)
 
-__all__ = ["input_volume_ids", "read_inputs", "run_plugin", "write_results"]
+__all__ = ["canonical", "input_volume_ids", "read_inputs", "run_on_volumes", "run_plugin", "write_results"]
 
 #: Inference inside a plug-in: never a remote backend (see the module docstring).
 INFERENCE = "embedded"
@@ -219,6 +219,18 @@ def run_plugin(
     """The plug-in's results for the volumes in ``in_dir`` (nothing is written here)."""
     volumes = read_inputs(in_dir)
     progress(f"{len(volumes)} volume(s) read")
+    return run_on_volumes(capability, volumes, repository=repository, method=method, progress=progress)
+
+
+def run_on_volumes(
+    capability: Capability,
+    volumes: list[Volume],
+    *,
+    repository: Path | None = None,
+    method: str = DEFAULT_METHOD,
+    progress: Progress = _quiet,
+) -> PluginResults:
+    """:func:`run_plugin` on volumes already read (the remote endpoint checks them before it answers)."""
     found, info = _detect(capability, volumes, repository, progress)
     overlays: list[VolumeOverlay] = []
     if capability.overlays:
