@@ -25,6 +25,7 @@ from services.cli import (
     info_cmd,
     inspect_cmd,
     models_cmd,
+    pacs_cmd,
     phantom_cmd,
     serve_cmd,
     train_cmd,
@@ -51,6 +52,7 @@ _COMMANDS = (
     serve_cmd,
     demo_cmd,
     circus_cmd,
+    pacs_cmd,
 )
 
 
