@@ -121,7 +121,9 @@ def _int(value: object, default: int) -> int:
 
 class PacsClient:
     """One DICOMweb server. ``timeout_s`` bounds every connect and read; ``total_timeout_s`` a whole
-    fetch. ``max_*`` default to the service's limits, so a PACS run accepts what an upload would."""
+    fetch. ``max_*`` default to the service's limits, so a PACS run accepts what an upload would:
+    ``max_bytes`` bounds the pixels QIDO-RS states, ``max_fetch_bytes`` the files written while
+    fetching (pixels plus headers: what a zipped series may unpack to)."""
 
     def __init__(
         self,
@@ -133,6 +135,7 @@ class PacsClient:
         max_instances: int = limits.MAX_ZIP_MEMBERS,
         max_voxels: int = limits.MAX_VOXELS,
         max_bytes: int = limits.MAX_UPLOAD_BYTES,
+        max_fetch_bytes: int = limits.MAX_ZIP_UNCOMPRESSED_BYTES,
     ) -> None:
         from dicomweb_client import DICOMwebClient
 
@@ -143,6 +146,7 @@ class PacsClient:
         self.timeout_s = float(timeout_s)
         self.total_timeout_s = float(total_timeout_s)
         self.max_instances, self.max_voxels, self.max_bytes = max_instances, max_voxels, max_bytes
+        self.max_fetch_bytes = max_fetch_bytes
         self._client = DICOMwebClient(self.url, headers=headers, timeout=self.timeout_s)
         self._client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=200)
 
@@ -152,6 +156,8 @@ class PacsClient:
         """Run ``call()``; a 404 is ``missing`` (the caller's error), other failures the server's."""
         try:
             return call()
+        except (InputError, PacsUnavailableError):
+            raise
         except requests.HTTPError as exc:
             code = exc.response.status_code if exc.response is not None else 0
             if code == 404 and missing:
@@ -266,8 +272,8 @@ class PacsClient:
                 total += path.stat().st_size
                 if len(written) > self.max_instances:
                     raise InputError(f"sent more than {self.max_instances} instances", field="series")
-                if total > self.max_bytes + 256 * len(written) * 1024:  # pixels + a header each
-                    raise InputError(f"sent more than {self.max_bytes} bytes", field="series")
+                if total > self.max_fetch_bytes:
+                    raise InputError(f"sent more than {self.max_fetch_bytes} bytes", field="series")
                 if time.monotonic() - started > self.total_timeout_s:
                     raise PacsUnavailableError(
                         f"the series did not arrive within {self.total_timeout_s:g} s "
