@@ -26,6 +26,7 @@ import logging
 import re
 import secrets
 import shutil
+import signal
 import sys
 import tarfile
 import tempfile
@@ -251,7 +252,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routes -------------------------------------------------------------------------------
     def do_POST(self) -> None:
+        declared = (self.headers.get("Content-Length") or "").strip()
+        unread = int(declared) if declared.isdigit() else 0  # drained if refused before the upload
         if self.path.split("?", 1)[0] != f"{self.config.endpoint_path}/run":
+            self._drain(unread)
             self._json(HTTPStatus.NOT_FOUND, {"field": "path", "message": "not found"})
             return
         job_dir = None
@@ -259,6 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._check_auth()
             length = self._content_length()
             boundary = self._boundary()
+            unread = 0  # from here on _receive reads, or drains, the body itself
             request_id = secrets.token_hex(16)
             job_dir = self.config.work_dir / request_id
             (job_dir / "in").mkdir(parents=True)
@@ -268,6 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
             except InputError as exc:
                 raise _RefusalError(HTTPStatus.BAD_REQUEST, FIELD, exc.message) from None
         except _RefusalError as refusal:
+            self._drain(unread)
             if job_dir is not None:
                 shutil.rmtree(job_dir, ignore_errors=True)
             log.info("POST /run refused: %s %s", int(refusal.status), refusal.field)
@@ -369,9 +375,10 @@ class _Handler(BaseHTTPRequestHandler):
         return upload.names
 
     def _drain(self, left: int) -> None:
-        """Read (and drop) the rest of a refused body when it is small, so that a client still
-        sending it reads the 4xx instead of a connection reset; a large rest is cut off."""
-        if 0 < left <= DRAIN_MAX_BYTES:
+        """Read (and drop) the rest of a refused body when it is small and within the limit, so that
+        a client still sending it reads the 4xx instead of a connection reset; a larger rest (a body
+        over the limit above all) is never read: the connection is closed after the answer."""
+        if 0 < left <= min(DRAIN_MAX_BYTES, self.config.max_request_bytes):  # never past the limit
             try:
                 while left > 0 and (chunk := self.rfile.read(min(READ_CHUNK_BYTES, left))):
                     left -= len(chunk)
@@ -432,6 +439,10 @@ class _Handler(BaseHTTPRequestHandler):
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def make_server(config: RemoteConfig) -> ThreadingHTTPServer:
     handler = type("CircusHandler", (_Handler,), {"config": config, "run_lock": threading.Lock()})
     server = ThreadingHTTPServer((config.host, config.port), handler)
@@ -442,6 +453,8 @@ def make_server(config: RemoteConfig) -> ThreadingHTTPServer:
 def serve(config: RemoteConfig) -> None:
     """Serve until interrupted; the first line on stdout names the address (port 0 → the one chosen)."""
     server = make_server(config)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C: the work dir is cleaned up
     host, port = server.server_address[:2]
     print(
         f"wlcad circus {config.capability.name}: listening on http://{host}:{port}{config.endpoint_path}",
