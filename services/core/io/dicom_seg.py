@@ -4,10 +4,11 @@ A SEG can only reference real DICOM instances, so it is written when the input w
 (the Volume's metadata keeps the SOP Instance UIDs in slice order) or one enhanced multi-frame
 image; other inputs get NIfTI/NRRD.
 
-The mask is handed to highdicom as a :class:`highdicom.Volume` built from wlcad's own geometry, so
-the SEG's plane positions and ``SpacingBetweenSlices`` are the real slice distance (an oblique MR
+Each SEG frame is handed to highdicom beside the source image (or multi-frame source frame, matched
+by position) it was computed on, so every frame references its source exactly; the SEG's
+``SpacingBetweenSlices`` is the slice distance wlcad measured from the positions (an oblique MR
 series whose header says 2 mm while its slices sit 7 mm apart gave a SEG that highdicom's own
-``get_volume()`` refused), and frame references to a multi-frame source are found from positions.
+``get_volume()`` refused).
 
 What the SEG copies from its source is what the IOD requires (patient and general study modules,
 frame of reference); :func:`minimal_source_copy` drops everything else before highdicom sees it.
@@ -266,13 +267,12 @@ def build_seg(
         if lesion.lesion_type.strip():
             description.SegmentDescription = lesion.lesion_type.strip()
         descriptions.append(description)
-    frame_of_reference = str(datasets[0].FrameOfReferenceUID)
     # pydicom/highdicom warnings quote attribute values (patient names included): never let them out.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         seg = hd.seg.Segmentation(
             source_images=list(datasets),
-            pixel_array=hd_volume(volume, segment_map, frame_of_reference),
+            pixel_array=_in_source_order(datasets, volume, segment_map),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
             series_instance_uid=hd.UID(),
@@ -286,18 +286,68 @@ def build_seg(
             series_description="wlcad lesion labels",
             omit_empty_frames=True,
         )
-    _set_slice_spacing(seg, volume)
+    _place_on_grid(seg, volume, datasets)
     return seg
 
 
-def _set_slice_spacing(seg: hd.seg.Segmentation, volume: Volume) -> None:
-    """highdicom copies the source's pixel measures, SpacingBetweenSlices included, and some sources
-    state a wrong one (the oblique brain MR sample: 2.0 while its slices are 7.0 mm apart): the SEG
-    says the distance wlcad measured from the positions, so its frames form the volume they came from."""
+def _place_on_grid(seg: hd.seg.Segmentation, volume: Volume, datasets: Sequence[pydicom.Dataset]) -> None:
+    """Put the SEG's frames on the grid the masks were computed on (wlcad's volume, the NIfTI mask's):
+    highdicom copies each source slice's position and the source's pixel measures, and sources state
+    wrong spacings (the oblique brain MR sample: SpacingBetweenSlices 2.0 while its slices are 7.0 mm
+    apart) and jittered positions (the same series: gaps of 6.96–7.07 mm, which wlcad's reader
+    accepts as one regular grid but highdicom's ``get_volume()`` refuses at its 1 % tolerance). Each
+    frame keeps its reference to the source slice it was computed on; its position moves to that
+    slice's place on the regular grid (by at most the source's own jitter)."""
     if volume.array.shape[0] < 2:
         return
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     measures.SpacingBetweenSlices = DSfloat(float(volume.spacing[2]), auto_format=True)
+    uids = list(volume.metadata["sop_instance_uids"])
+    multiframe = len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1
+    slices_of_frames = frame_slices(datasets[0], volume) if multiframe else None
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        (source,) = item.DerivationImageSequence[0].SourceImageSequence
+        if slices_of_frames is not None:
+            k = slices_of_frames[int(source.ReferencedFrameNumber) - 1]
+        else:
+            k = uids.index(str(source.ReferencedSOPInstanceUID))
+        position = volume.index_to_world([0.0, 0.0, float(k)])
+        item.PlanePositionSequence[0].ImagePositionPatient = [
+            DSfloat(float(v), auto_format=True) for v in position
+        ]
+
+
+def frame_slices(dataset: pydicom.Dataset, volume: Volume) -> list[int]:
+    """For each frame of a multi-frame source (in its own order), the slice of ``volume`` at its
+    position: the frames of an enhanced image need not be stored in slice order.
+
+    Raises:
+        InputError: naming ``seg``: a frame with no slice of ``volume`` within 1 % of the spacing.
+    """
+    normal = np.asarray(volume.direction, dtype=np.float64)[:, 2]
+    origin = np.asarray(volume.origin, dtype=np.float64)
+    spacing = float(volume.spacing[2])
+    slices = []
+    for number, item in enumerate(dataset.PerFrameFunctionalGroupsSequence, start=1):
+        position = np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
+        k = float(np.dot(position - origin, normal)) / spacing
+        if abs(k - round(k)) > 0.01 or not 0 <= round(k) < volume.array.shape[0]:
+            raise InputError(f"frame {number} of the source lies on no slice of the image", field="seg")
+        slices.append(round(k))
+    return slices
+
+
+def _in_source_order(
+    datasets: Sequence[pydicom.Dataset], volume: Volume, segment_map: np.ndarray
+) -> np.ndarray:
+    """``segment_map`` (slice order) as highdicom wants it: frame ``i`` is the ``i``-th source image
+    (a series, in slice order already) or the ``i``-th frame of the one multi-frame source, so each
+    SEG frame references exactly the source frame it was computed on."""
+    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
+        return segment_map[frame_slices(datasets[0], volume)]
+    if len(datasets) != segment_map.shape[0]:
+        raise InputError(f"{len(datasets)} source images for {segment_map.shape[0]} slices", field="seg")
+    return segment_map
 
 
 def dataset_bytes(dataset: pydicom.Dataset) -> bytes:

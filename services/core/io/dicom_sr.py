@@ -40,6 +40,7 @@ from services.core.io.dicom_seg import (
     MANUFACTURER,
     dataset_bytes,
     derived_series_number,
+    frame_slices,
     minimal_source_copy,
     source_datasets,
 )
@@ -221,20 +222,8 @@ def _slice_image(
     ds = by_uid[uid]
     frames = None
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        frames = [_frame_number(ds, volume, k)]
+        frames = [frame_slices(ds, volume).index(k) + 1]
     return hd.sr.SourceImageForSegmentation(str(ds.SOPClassUID), uid, referenced_frame_numbers=frames)
-
-
-def _frame_number(ds: pydicom.Dataset, volume: Volume, k: int) -> int:
-    """1-based frame of a multi-frame source whose position is slice ``k`` of ``volume``."""
-    target = volume.index_to_world([0.0, 0.0, float(k)])
-    best, best_distance = 1, math.inf
-    for number, item in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
-        position = np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
-        distance = float(np.linalg.norm(position - target))
-        if distance < best_distance:
-            best, best_distance = number, distance
-    return best
 
 
 def build_detection_sr(
