@@ -8,11 +8,11 @@ media types); this module adds what a clinical caller needs around it:
   downloaded; while fetching, the bytes written are counted again (the answer may not match what the
   search said) and the fetch stops at the first instance past the limit;
 * every call has a timeout: ``timeout_s`` for each connect and read, ``total_timeout_s`` for a whole
-  fetch (checked between instances);
+  fetch (checked between instances, as is a service request's deadline, :mod:`services.core.work_budget`);
 * errors are typed: a missing study/series or a malformed UID is the caller's :class:`InputError`
   (exit 2, HTTP 4xx); a server that is down, slow or refuses is :class:`PacsUnavailableError`;
-* nothing that names a patient is logged, and neither are UIDs or URLs with UIDs in them: the log
-  says counts and sizes. ``dicomweb-client``'s own logger prints request URLs (study UIDs) at INFO
+* nothing that names a patient is logged, and wlcad's own lines name no UID either (they say counts
+  and sizes). ``dicomweb-client``'s own logger prints request URLs (study UIDs) at INFO
   and request headers (a bearer token) at DEBUG, so it is held at WARNING.
 """
 
@@ -31,6 +31,7 @@ import requests
 
 from services.api import limits
 from services.core.errors import InputError
+from services.core.work_budget import checkpoint
 
 log = logging.getLogger("wlcad.pacs")
 logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
@@ -266,6 +267,7 @@ class PacsClient:
         def fetch() -> None:
             nonlocal total
             for dataset in self._client.iter_series(study, series):
+                checkpoint("fetching from DICOMweb")  # a service request's deadline or cancel
                 path = folder / f"{len(written):05d}.dcm"
                 pydicom.dcmwrite(path, dataset, enforce_file_format=True)
                 written.append(path)
