@@ -23,7 +23,15 @@ from services.inference.card import ModelCard, sha256_file
 from training.cade.samples import manifest_cases, phantom_split, working_case, working_cases
 from training.cade.settings import CadeTrainingSettings
 from training.cade.tasks import SPLITS, TASKS, DataSeeds, get_task
-from training.cade.train import PatchSampler, fit, main, train_cade
+from training.cade.train import (
+    LESION_WEIGHT_VOXELS,
+    MAX_LESION_WEIGHT,
+    PatchSampler,
+    fit,
+    lesion_weights,
+    main,
+    train_cade,
+)
 
 TASK = get_task("chest-ct-nodule")
 TINY = (64, 64, 48)  # x, y, z voxels: small enough to train on in seconds, big enough to tile
@@ -138,6 +146,22 @@ def test_patches_are_tiles_and_half_of_them_hold_a_lesion(cases) -> None:
     assert images.shape == labels.shape == (16, 1, *TASK.tile)
     with_lesion = int((labels.flatten(1).sum(1) > 0).sum())
     assert 4 <= with_lesion <= 16  # pos = neg = 1: ~8 centred on a lesion, a background crop may hold one too
+
+
+def test_a_small_lesion_weighs_in_the_loss_like_a_large_one() -> None:
+    import torch
+
+    labels = torch.zeros(2, 1, 32, 32, 32)
+    labels[0, 0, 2:4, 2:4, 2:4] = 1  # 8 voxels: capped weight
+    labels[0, 0, 10:30, 10:30, 10:30] = 1  # 8000 voxels: weight 1
+    labels[1, 0, 5:10, 5:10, 5:10] = 1  # 125 voxels: 500 / 125 = 4
+    weights = lesion_weights(labels)
+    assert weights.shape == labels.shape
+    assert float(weights[0, 0, 0, 0, 0]) == 1.0  # background
+    assert float(weights[0, 0, 2, 2, 2]) == MAX_LESION_WEIGHT
+    assert float(weights[0, 0, 20, 20, 20]) == 1.0
+    assert float(weights[1, 0, 7, 7, 7]) == pytest.approx(LESION_WEIGHT_VOXELS / 125)
+    assert float(weights[1][labels[1] > 0].sum()) == pytest.approx(LESION_WEIGHT_VOXELS)
 
 
 @pytest.mark.parametrize(
