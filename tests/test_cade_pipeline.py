@@ -336,3 +336,22 @@ def test_tiles_of_air_are_not_run_and_read_as_no_lesion() -> None:
     seen.clear()
     everything = sliding_window(image, infer, TilingSpec(tile=(32, 32, 32), overlap=0.0, max_batch=8))
     assert sum(seen) == 8 and np.allclose(everything, 3.0)
+
+
+def test_a_head_first_volume_reaches_the_network_as_the_feet_first_one_does():
+    """The networks learnt chests stored with their axes along L, P, S: the same voxels stored
+    head-first (or mirrored in x and y, as RAS NIfTI is) must give the same working array."""
+    from services.cade.preprocess import to_working
+
+    rng = np.random.default_rng(5)
+    feet_first = Volume(
+        rng.normal(-500, 300, (20, 30, 40)).astype(np.float32), (0.8, 0.8, 2.0), (-16.0, -12.0, 5.0)
+    )
+    flips = np.diag([-1.0, -1.0, -1.0])
+    far_corner = np.asarray(feet_first.grid.index_to_world(np.array(feet_first.shape_xyz, float) - 1))
+    mirrored = Volume(feet_first.array[::-1, ::-1, ::-1].copy(), feet_first.spacing, tuple(far_corner), flips)
+    frame, intensity = WorkingFrame(dims=3, spacing_mm=1.5), Intensity("window", -1000.0, 400.0)
+    expected, seen = to_working(feet_first, frame, intensity), to_working(mirrored, frame, intensity)
+    assert np.allclose(seen.direction, np.eye(3))
+    assert seen.grid.same_grid(expected.grid)
+    np.testing.assert_allclose(seen.array, expected.array, atol=1e-5)

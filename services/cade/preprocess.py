@@ -76,13 +76,32 @@ class WorkingFrame:
             raise InputError(f"must be 2 or 3, got {self.dims}", field="frame.dims")
 
     def grid_for(self, image: Grid) -> Grid:
-        """The working grid covering ``image``'s world box."""
+        """The working grid covering ``image``'s world box; in 3D its axes run along L, P and S.
+
+        The detectors were trained on volumes stored with their axes along L, P, S; an image stored
+        head-first (negative z spacing in CIRCUS CS, a flipped NRRD) or as RAS NIfTI reached them
+        mirrored, and an 18.9 mm nodule found at confidence 0.9997 was missed when the same phantom
+        was stored head-first. Candidates are reported on the image's own grid, so the caller sees no
+        difference but the result."""
         if self.dims == 3:
-            return image.respaced([self.spacing_mm] * 3)
+            if np.allclose(image.direction, np.eye(3)):
+                return image.respaced([self.spacing_mm] * 3)
+            return _lps_aligned(image, self.spacing_mm)
         rows, cols = image.shape[1], image.shape[2]
         scale = max(rows, cols) / float(self.long_side)
         sx, sy, sz = image.spacing
         return image.respaced([sx * scale, sy * scale, sz])
+
+
+def _lps_aligned(image: Grid, spacing_mm: float) -> Grid:
+    """The grid with axes along L, P, S and ``spacing_mm`` voxels whose box holds ``image``'s box
+    (the same box for a flipped or permuted image; the bounding box of an oblique one)."""
+    corner_index_xyz = np.array(list(np.ndindex(2, 2, 2))) * np.asarray(image.shape_xyz) - 0.5
+    corners = np.array([image.index_to_world(corner) for corner in corner_index_xyz])
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    size_xyz = np.maximum(1, np.round((high - low) / spacing_mm)).astype(int)
+    origin = low + spacing_mm / 2
+    return Grid(tuple(int(n) for n in size_xyz[::-1]), (spacing_mm,) * 3, tuple(origin), np.eye(3))
 
 
 def _anti_aliased(image: Volume, target: Grid) -> np.ndarray:
