@@ -263,3 +263,45 @@ def test_candidate_spheres_keep_the_stronger_candidate_where_they_overlap():
     assert labels[12, 40, 38] == 2  # 6.4 mm from the first (radius 5), 4.0 mm from the second
     world = image.index_to_world(np.argwhere(labels == 1)[:, ::-1].astype(float))
     assert np.linalg.norm(world - np.asarray(first.center_mm), axis=-1).max() <= 5.0
+
+
+@pytest.mark.parametrize("name", ["ct-3slice-dicom", "brain-mr-dicom-series"])
+def test_a_real_series_round_trips_with_its_geometry(orthanc, sample, name, tmp_path, caplog):
+    """Real scanner series, a 3-slice CT (dcmqi) and the oblique brain MR whose header states a wrong
+    slice spacing and whose files hold Command Set elements (the TotalSegmentator CT lacks its
+    Study/Series UIDs: no PACS stores it): the SEG stored in Orthanc and read back by highdicom lies
+    where the prompt was, on the source's slice spacing, and the SR is found too."""
+    from services.core.io import read_image
+
+    folder = sample(name)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    assert orthanc.upload(files) == len(files)
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    volume = read_image(folder)
+    centre_voxel = [float(n // 2) for n in volume.shape_xyz]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"center_voxel": centre_voxel, "diameter_mm": 12.0}]))
+    request = PacsRunRequest(
+        orthanc.dicomweb_url, str(header.StudyInstanceUID), str(header.SeriesInstanceUID),
+        "label-estimation", prompts=tuple(read_prompts(prompts)), method="sphere",
+    )  # fmt: skip
+    with caplog.at_level(logging.DEBUG):
+        result = run_pacs(request)
+    assert result.all_found and result.instances_fetched == len(files)
+    for value in (str(header.get("PatientName", "")), str(header.get("PatientID", ""))):
+        if len(value) >= 4:
+            assert value not in caplog.text
+    seg_item = next(o for o in result.stored if o.kind == "seg")
+    seg = hd.seg.Segmentation.from_dataset(
+        DICOMwebClient(orthanc.dicomweb_url, timeout=30).retrieve_instance(
+            str(header.StudyInstanceUID), seg_item.series_instance_uid, seg_item.sop_instance_uid
+        )
+    )
+    assert "InstitutionName" not in seg
+    mask = seg.get_volume(combine_segments=True)
+    assert np.allclose(mask.spacing, tuple(volume.spacing)[::-1], atol=1e-3)  # (z, y, x) vs (x, y, z)
+    inside = np.argwhere(mask.array > 0)
+    assert len(inside) > 0
+    world = (mask.affine @ np.c_[inside, np.ones(len(inside))].T)[:3].T
+    centre_mm = volume.index_to_world(centre_voxel)
+    assert np.linalg.norm(world.mean(axis=0) - centre_mm) <= max(volume.spacing)

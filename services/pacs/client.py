@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,22 @@ def _int(value: object, default: int) -> int:
         return int(value) if value is not None else default
     except (TypeError, ValueError):
         return default
+
+
+def _write_instance(dataset: pydicom.Dataset, path: Path, number: int) -> None:
+    """One fetched instance as a Part 10 file. Command Set elements (group 0000: DIMSE message
+    fields some archives leave in stored files; the oblique brain MR sample has them) are dropped,
+    as pydicom refuses to write them into a file and they belong to no stored instance."""
+    try:
+        with warnings.catch_warnings():  # pydicom warnings may quote values (patient names)
+            warnings.simplefilter("ignore")
+            for tag in [element.tag for element in dataset if element.tag.group == 0]:
+                del dataset[tag]
+            pydicom.dcmwrite(path, dataset, enforce_file_format=True)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise InputError(
+            f"instance {number} could not be written as DICOM ({type(exc).__name__})", field="series"
+        ) from None
 
 
 class PacsClient:
@@ -269,7 +286,7 @@ class PacsClient:
             for dataset in self._client.iter_series(study, series):
                 checkpoint("fetching from DICOMweb")  # a service request's deadline or cancel
                 path = folder / f"{len(written):05d}.dcm"
-                pydicom.dcmwrite(path, dataset, enforce_file_format=True)
+                _write_instance(dataset, path, len(written) + 1)
                 written.append(path)
                 total += path.stat().st_size
                 if len(written) > self.max_instances:
