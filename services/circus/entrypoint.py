@@ -18,8 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from services.circus.plugin import (
     RESULTS_FILE,
     Capability,
@@ -34,7 +32,7 @@ from services.core.volume import Volume
 
 log = logging.getLogger(__name__)
 
-__all__ = ["canonical", "input_volume_ids", "read_inputs", "run_on_volumes", "run_plugin", "write_results"]
+__all__ = ["input_volume_ids", "read_inputs", "run_on_volumes", "run_plugin", "write_results"]
 
 #: Inference inside a plug-in: never a remote backend (see the module docstring).
 INFERENCE = "embedded"
@@ -109,31 +107,6 @@ class _Found:
     diameter_mm: float
 
 
-def canonical(volume: Volume) -> Volume:
-    """The same voxels on the same world grid, each axis stored in the direction of increasing LPS
-    coordinate (a head-first series, negative z spacing in CIRCUS terms, is turned feet-first).
-
-    The detectors work over the image's own direction (:mod:`services.cade.preprocess`), so a network
-    trained on feet-first volumes sees a head-first one upside down: on a chest phantom stored
-    head-first the shipped detector missed an 18.9 mm nodule it found at 0.9997 feet-first. Candidates
-    are found here and reported back on the stored grid through their world position."""
-    array = np.asarray(volume.array)
-    direction = np.array(volume.direction, dtype=np.float64)
-    origin = np.array(volume.origin, dtype=np.float64)
-    for axis in range(3):  # x, y, z; the array is (z, y, x)
-        column = direction[:, axis]
-        if column[int(np.argmax(np.abs(column)))] < 0:
-            count = array.shape[2 - axis]
-            origin = origin + column * volume.spacing[axis] * (count - 1)
-            direction[:, axis] = -column
-            array = np.flip(array, axis=2 - axis)
-    if np.array_equal(direction, volume.direction):
-        return volume
-    return Volume(
-        np.ascontiguousarray(array), volume.spacing, tuple(origin), direction, dict(volume.metadata)
-    )
-
-
 def _detect(
     capability: Capability, volumes: list[Volume], repository: Path | None, progress: Progress
 ) -> tuple[list[_Found], dict]:
@@ -147,7 +120,7 @@ def _detect(
         threshold = model.default_threshold()
         for volume_id, volume in enumerate(volumes):
             progress(f"volume {volume_id}: detecting ({task.name})")
-            result = detect_at(model, canonical(volume), threshold)
+            result = detect_at(model, volume, threshold)
             found += [
                 _Found(
                     volume_id,
