@@ -26,6 +26,41 @@ needs_dciodvfy = pytest.mark.skipif(
 _UID_ROOT_ERROR = re.compile(r'^Error - Illegal root for UID - "([0-9.]+)"')
 
 
+#: Values planted in the phantom series' headers that no SEG or SR may carry.
+SECRETS = {
+    "InstitutionName": "St Secret Hospital",
+    "InstitutionalDepartmentName": "Secret Radiology",
+    "OperatorsName": "Secret^Operator",
+    "PatientAge": "061Y",
+    "PatientWeight": "71.5",
+    "StudyDescription": "SECRET CHEST STUDY",
+    "OtherPatientIDs": "SECRET-OTHER-ID",
+    "PatientAddress": "1 Secret Street",
+    "StationName": "SECRETSTATION",
+    "DeviceSerialNumber": "SECRET-SN-42",
+    "PerformingPhysicianName": "Secret^Physician",
+}
+PRIVATE_SECRET = "SECRET-PRIVATE-VALUE"
+
+
+def phantom_series_with_secrets(root: Path) -> Path:
+    """One chest-CT phantom (64×64×32) as a DICOM series of SeriesNumber 7, its headers holding
+    identifying attributes (:data:`SECRETS`, a private tag) that no SEG or SR may carry."""
+    from training.data.dataset import write_dataset
+
+    write_dataset("chest-ct-nodule", 1, 11, root, formats=("nifti", "dicom"), size_xyz=(64, 64, 32))
+    (series,) = (root / "dicom").iterdir()
+    for path in dicom_files(series):
+        ds = pydicom.dcmread(path)
+        for keyword, value in SECRETS.items():
+            setattr(ds, keyword, value)
+        block = ds.private_block(0x0011, "WLCAD TEST", create=True)
+        block.add_new(0x01, "LO", PRIVATE_SECRET)
+        ds.SeriesNumber = 7
+        ds.save_as(path)
+    return series
+
+
 def source_uids(files: Iterable[Path]) -> set[str]:
     """Every UID a source series holds (study, series, frame of reference, instances)."""
     uids = set()

@@ -21,49 +21,23 @@ from services.core.io import read_image
 from services.core.io.dicom_seg import SegLesion, build_seg, seg_bytes, source_datasets, write_seg
 from tests.conftest import run_cli
 from tests.dicom_checks import (
+    PRIVATE_SECRET,
+    SECRETS,
     all_values,
     assert_frames_sit_on_their_sources,
     assert_seg_equals_label_map,
     dciodvfy_errors,
     dicom_files,
     needs_dciodvfy,
+    phantom_series_with_secrets,
     source_uids,
     with_uids_restored,
 )
-from training.data.dataset import write_dataset
-
-#: Values planted in the phantom series' headers that no SEG or SR may carry.
-SECRETS = {
-    "InstitutionName": "St Secret Hospital",
-    "InstitutionalDepartmentName": "Secret Radiology",
-    "OperatorsName": "Secret^Operator",
-    "PatientAge": "061Y",
-    "PatientWeight": "71.5",
-    "StudyDescription": "SECRET CHEST STUDY",
-    "OtherPatientIDs": "SECRET-OTHER-ID",
-    "PatientAddress": "1 Secret Street",
-    "StationName": "SECRETSTATION",
-    "DeviceSerialNumber": "SECRET-SN-42",
-    "PerformingPhysicianName": "Secret^Physician",
-}
-PRIVATE_SECRET = "SECRET-PRIVATE-VALUE"
 
 
 @pytest.fixture(scope="module")
 def phantom_series(tmp_path_factory) -> Path:
-    """One chest-CT phantom as a DICOM series, its headers holding identifying attributes too."""
-    root = tmp_path_factory.mktemp("phantom")
-    write_dataset("chest-ct-nodule", 1, 11, root, formats=("nifti", "dicom"), size_xyz=(64, 64, 32))
-    (series,) = (root / "dicom").iterdir()
-    for path in dicom_files(series):
-        ds = pydicom.dcmread(path)
-        for keyword, value in SECRETS.items():
-            setattr(ds, keyword, value)
-        block = ds.private_block(0x0011, "WLCAD TEST", create=True)
-        block.add_new(0x01, "LO", PRIVATE_SECRET)
-        ds.SeriesNumber = 7
-        ds.save_as(path)
-    return series
+    return phantom_series_with_secrets(tmp_path_factory.mktemp("phantom"))
 
 
 @pytest.fixture(scope="module")

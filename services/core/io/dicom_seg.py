@@ -57,7 +57,8 @@ _KEPT_SOURCE_KEYWORDS = frozenset(
         "SpacingBetweenSlices", "Rows", "Columns", "NumberOfFrames", "SharedFunctionalGroupsSequence",
         "PerFrameFunctionalGroupsSequence", "DimensionOrganizationSequence", "DimensionIndexSequence",
         "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
-        "PixelRepresentation", "ImageType", "InstanceNumber", "TotalPixelMatrixRows",
+        "PixelRepresentation", "ImageType", "InstanceNumber", "PatientOrientation", "ImagerPixelSpacing",
+        "TotalPixelMatrixRows",
         "TotalPixelMatrixColumns",
     }
 )  # fmt: skip

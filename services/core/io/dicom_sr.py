@@ -7,7 +7,8 @@ estimation's lesion measurements, as a PACS and a viewer (OHIF, 3D Slicer, dcmqi
   candidate's equivalent circle in pixel coordinates. Each group holds the diameter (mm), the
   confidence (Certainty of Finding, 0..1), the finding type and site of the task (SNOMED CT), a
   tracking identifier and UID, and the algorithm (the model and its version, e.g.
-  ``cade_chest-ct-nodule/1``).
+  ``cade_chest-ct-nodule/1``); one image-level group (TID 1501) states the CAD processing summary
+  (all algorithms succeeded, with or without findings), so a run without candidates is a report too.
 * Label estimation (:func:`estimation_sr_bytes`): one volumetric ROI group per lesion whose ROI is
   the lesion's segment in the SEG written beside it, with volume, maximum diameter and the axial
   long and short axes.
@@ -295,13 +296,43 @@ def build_detection_sr(
                     referenced_volume_surface=point, **common
                 )
             )
+    groups.append(_summary(len(groups), model_name, result.model_version))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(model_name, result.model_version),
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
-        referenced_images=list(datasets),
+        referenced_images=_library(datasets),
     )
     return _document(datasets, report, "detection-sr", f"wlcad detect {result.task}")
+
+
+def _summary(found: int, model_name: str, model_version: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The run's outcome as an image-level group (TID 1501): CAD Processing and Findings Summary,
+    with or without findings. It makes a run without candidates a report too (TID 1500 needs one
+    group), saying the detector ran and found nothing rather than leaving no trace."""
+    outcome = (
+        codes.DCM.AllAlgorithmsSucceededWithFindings
+        if found
+        else codes.DCM.AllAlgorithmsSucceededWithoutFindings
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="detection-summary"),
+        algorithm_id=_algorithm(model_name, model_version),
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=codes.DCM.CADProcessingAndFindingsSummary, value=outcome)
+        ],
+    )
+
+
+def _library(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset] | None:
+    """The images for the report's Image Library (TID 1600). A projection radiograph's entry needs
+    its PatientOrientation and ImagerPixelSpacing; a radiograph without them (the pydicom-data CR
+    has neither) is listed in the evidence and its region's reference only."""
+    if "FrameOfReferenceUID" in datasets[0]:
+        return list(datasets)
+    if all(k in datasets[0] for k in ("PatientOrientation", "ImagerPixelSpacing")):
+        return list(datasets)
+    return None
 
 
 def _circle_region(ds: pydicom.Dataset, volume: Volume, cand) -> hd.sr.ImageRegion:
@@ -377,7 +408,7 @@ def build_estimation_sr(
         observation_context=_observation_context(algorithm_name, lesions[0].algorithm_version),
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
-        referenced_images=list(datasets),
+        referenced_images=_library(datasets),
     )
     return _document(datasets, report, "estimation-sr", "wlcad lesion measurements", evidence_extra=[seg])
 
