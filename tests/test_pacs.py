@@ -305,3 +305,28 @@ def test_a_real_series_round_trips_with_its_geometry(orthanc, sample, name, tmp_
     world = (mask.affine @ np.c_[inside, np.ones(len(inside))].T)[:3].T
     centre_mm = volume.index_to_world(centre_voxel)
     assert np.linalg.norm(world.mean(axis=0) - centre_mm) <= max(volume.spacing)
+
+
+def test_a_radiograph_task_stores_an_sr_only(orthanc, sample, tmp_path):
+    """cxr-mass on the real chest radiograph (CR, no frame of reference: no SEG is possible): the SR
+    holds one planar ROI group per candidate and QIDO-RS finds it."""
+    radiograph = sample("chest-xray")
+    assert orthanc.upload([radiograph]) == 1
+    header = pydicom.dcmread(radiograph, stop_before_pixels=True)
+    models = tmp_path / "models"
+    register_onnx_model(
+        models, "cade_cxr-mass", blob_scorer_onnx(2, None), metrics={}, max_batch_size=2, **CARD
+    )
+    report = tmp_path / "result.json"
+    done = _pacs(
+        orthanc, {"study": str(header.StudyInstanceUID), "series": str(header.SeriesInstanceUID)},
+        "--task", "cxr-mass", "--model-repository", str(models), "--threshold", "0.5", "--report", str(report),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(report.read_text())
+    assert result["all_found"] and [item["kind"] for item in result["stored"]] == ["sr"]
+    sr = hd.sr.Comprehensive3DSR.from_dataset(
+        _retrieve(orthanc, str(header.StudyInstanceUID), result["stored"][0])
+    )
+    groups = hd.sr.MeasurementReport.from_sequence([sr]).get_planar_roi_measurement_groups()
+    assert len(groups) == result["findings"] >= 1

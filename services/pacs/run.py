@@ -163,7 +163,8 @@ def _open_model(request: PacsRunRequest, stack: ExitStack):
 
 
 def _detect(request: PacsRunRequest, model, image: Volume, folder: Path) -> _Outcome:
-    """CADe: the SR of every candidate (an empty one when none), and a SEG of their spheres."""
+    """CADe: the SR of every candidate (an empty one when none) and, on a 3D image with candidates,
+    a SEG of their spheres."""
     from services.cade.cutoff import detect_at
     from services.core.io.dicom_seg import SegLesion, seg_bytes
     from services.core.io.dicom_sr import detection_sr_bytes
@@ -172,7 +173,7 @@ def _detect(request: PacsRunRequest, model, image: Volume, folder: Path) -> _Out
     task = model.task
     kept = detect_at(model, image, Cutoff(request.threshold, request.fp_rate).resolve(model))
     objects = [("sr", detection_sr_bytes(kept, image, folder, model_name=task.model_name))]
-    if kept.candidates:
+    if kept.candidates and task.dims == 3:  # a radiograph has no patient space for a SEG: SR only
         labels = sphere_label_map(image, kept.candidates)
         lesions = [
             SegLesion(
@@ -220,6 +221,7 @@ def run_pacs(request: PacsRunRequest, client: PacsClient | None = None) -> PacsR
     from services.api.sources import check_declared_size, request_temp_dir
     from services.core.io import read_image
     from services.core.io.dicom_seg import check_seg_source
+    from services.core.io.dicom_sr import check_sr_source
 
     request.check()
     client = client or PacsClient(
@@ -237,7 +239,10 @@ def run_pacs(request: PacsRunRequest, client: PacsClient | None = None) -> PacsR
         fetched = client.fetch_series(request.study, request.series, folder)
         check_declared_size(folder, "series")
         image = read_image(folder, series_instance_uid=request.series)
-        check_seg_source(image)
+        if request.task == LABEL_ESTIMATION:
+            check_seg_source(image)
+        else:
+            check_sr_source(image)
         run = _estimate if request.task == LABEL_ESTIMATION else _detect
         outcome = run(request, model, image, folder)
     datasets = [(kind, _read(data)) for kind, data in outcome.objects]
