@@ -89,6 +89,9 @@ def dciodvfy_errors(path: Path, inherited_uids: set[str] = frozenset()) -> list[
 
 
 def dicom_files(folder: Path) -> list[Path]:
+    """The files of a series folder, or the one file of a multi-frame image."""
+    if Path(folder).is_file():
+        return [Path(folder)]
     return sorted(p for p in Path(folder).rglob("*") if p.is_file())
 
 

@@ -61,6 +61,8 @@ def ct_series(sample, tmp_path_factory) -> Path:
 
 
 def _series(name: str, sample, ct_series: Path, phantom_series: Path) -> Path:
+    if name == "multiframe":
+        return sample("ct-3slice-dicom").parent / "24x38x3" / "multiframe" / "mf.dcm"
     return {"ct": ct_series, "brain": sample("brain-mr-dicom-series"), "phantom": phantom_series}[name]
 
 
@@ -227,7 +229,8 @@ def test_radiograph_sr_is_a_planar_circle_on_the_image(sample, tmp_path: Path) -
 
 @needs_dciodvfy
 @pytest.mark.parametrize(
-    "name, voxel", [("ct", "256,260,10"), ("brain", "128,120,10"), ("phantom", "32,32,16")]
+    "name, voxel",
+    [("ct", "256,260,10"), ("brain", "128,120,10"), ("phantom", "32,32,16"), ("multiframe", "12,19,1")],
 )
 def test_estimation_sr_references_its_seg_and_reports_the_measurements(
     name: str, voxel: str, sample, ct_series: Path, phantom_series: Path, tmp_path: Path
@@ -355,3 +358,28 @@ def _summary_of(sr: hd.sr.Comprehensive3DSR) -> str:
     assert group.tracking_identifier == "detection-summary"
     (evaluation,) = group.get_qualitative_evaluations(name=codes.DCM.CADProcessingAndFindingsSummary)
     return evaluation.value.value
+
+
+@needs_dciodvfy
+def test_detection_sr_on_a_multiframe_source_references_the_frame(sample, tmp_path: Path) -> None:
+    """The dcmqi enhanced CT (one instance, 3 frames): each candidate's point references the frame
+    at its slice (found by position, not assumed to be stored in slice order)."""
+    multiframe = sample("ct-3slice-dicom").parent / "24x38x3" / "multiframe" / "mf.dcm"
+    image = read_image(multiframe)
+    result = _candidates(image, [((10, 20, 0), 4.0, 0.8), ((5, 30, 2), 3.0, 0.6)])
+    path = write_detection_sr(result, image, multiframe, tmp_path / "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    _assert_groups_equal_candidates(path, [c.as_dict() for c in result.candidates], None)
+    source = pydicom.dcmread(multiframe, stop_before_pixels=True)
+    frame_positions = [
+        np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, float)
+        for item in source.PerFrameFunctionalGroupsSequence
+    ]
+    for group, cand in zip(
+        hd.sr.srread(path).content.get_volumetric_roi_measurement_groups(), result.candidates, strict=True
+    ):
+        (ref,) = [r for item in _items(group) for r in item.get("ReferencedSOPSequence", [])]
+        assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        frame = int(ref.ReferencedFrameNumber)
+        slice_origin = image.index_to_world([0.0, 0.0, float(cand.center_voxel[2])])
+        np.testing.assert_allclose(frame_positions[frame - 1], slice_origin, atol=1e-3)

@@ -327,7 +327,10 @@ def _summary(found: int, model_name: str, model_version: str) -> hd.sr.Measureme
 def _library(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset] | None:
     """The images for the report's Image Library (TID 1600). A projection radiograph's entry needs
     its PatientOrientation and ImagerPixelSpacing; a radiograph without them (the pydicom-data CR
-    has neither) is listed in the evidence and its region's reference only."""
+    has neither) is listed in the evidence and its region's reference only; so is an enhanced
+    multi-frame image, whose geometry lives per frame (highdicom's entry reads it at the top level)."""
+    if "PerFrameFunctionalGroupsSequence" in datasets[0]:
+        return None
     if "FrameOfReferenceUID" in datasets[0]:
         return list(datasets)
     if all(k in datasets[0] for k in ("PatientOrientation", "ImagerPixelSpacing")):
