@@ -45,12 +45,13 @@ def ct_series(sample, tmp_path_factory) -> Path:
     return with_uids_restored(sample("ct-dicom-series"), tmp_path_factory.mktemp("ct") / "series")
 
 
-def _estimate(series: Path, out: Path, voxel: str, *extra: str, method: str = "sphere") -> None:
+def _estimate(series: Path, out: Path, voxel: str, *extra: str, method: str = "sphere"):
     result = run_cli(
         "estimate", "--image", str(series), "--center-voxel", voxel, "--diameter-mm", "18",
         "--method", method, "--out", str(out / "mask.nii.gz"), "--seg", str(out / "seg.dcm"), *extra,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    return result
 
 
 @needs_dciodvfy
@@ -153,7 +154,9 @@ def test_multiframe_source_is_referenced_frame_by_frame(sample, tmp_path: Path) 
 def test_seg_carries_no_source_identifier_beyond_the_required_modules(
     phantom_series: Path, tmp_path: Path
 ) -> None:
-    _estimate(phantom_series, tmp_path, "32,32,16")
+    result = _estimate(phantom_series, tmp_path, "32,32,16")
+    for secret in [*SECRETS.values(), PRIVATE_SECRET, "PHANTOM"]:  # nor the patient's name/ID in the log
+        assert secret not in result.stdout + result.stderr
     seg = pydicom.dcmread(tmp_path / "seg.dcm")
     values = dict(all_values(seg))
     texts = " ".join(values.values())

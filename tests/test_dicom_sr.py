@@ -173,7 +173,7 @@ def test_detect_cli_writes_the_sr_of_the_shipped_model_on_a_phantom_series(
     texts = " ".join(v for _, v in all_values(pydicom.dcmread(sr)))
     assert not any(secret in texts for secret in [*SECRETS.values(), PRIVATE_SECRET])
     assert not any(e.tag.is_private for e in pydicom.dcmread(sr).iterall())
-    for secret in SECRETS.values():  # and never in the log
+    for secret in [*SECRETS.values(), "PHANTOM"]:  # and never in the log, nor the patient's name/ID
         assert secret not in result.stdout + result.stderr
 
 
@@ -274,6 +274,12 @@ def test_estimation_sr_references_its_seg_and_reports_the_measurements(
     }
     assert str(seg_dataset.SOPInstanceUID) in evidence
     assert sr_dataset.SeriesNumber == seg_dataset.SeriesNumber + 2  # 100·source + 3 beside the SEG's + 1
+    texts = " ".join(v for _, v in all_values(sr_dataset))
+    assert not any(secret in texts for secret in [*SECRETS.values(), PRIVATE_SECRET])  # phantom's plants
+    assert not any(e.tag.is_private for e in sr_dataset.iterall())
+    source = pydicom.dcmread(dicom_files(series)[0], stop_before_pixels=True)
+    assert sr_dataset.PatientID == source.PatientID  # required: the PACS files it with the patient
+    assert "PHANTOM" not in result.stdout + result.stderr  # the phantom's patient name and ID: not logged
 
 
 def test_estimate_sr_is_refused_before_computing(tmp_path: Path, sample) -> None:
