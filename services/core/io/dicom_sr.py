@@ -237,8 +237,8 @@ def build_detection_sr(
     """The TID 1500 report of one detection run on ``volume`` (read from ``datasets``).
 
     Raises:
-        InputError: naming ``sr`` (no source, a 2D detection without a radiograph source, a
-            candidate off the image) or ``result``.
+        InputError: naming ``sr`` (no source, a candidate off the image), ``result`` (not a
+            DetectionResult, a confidence outside [0, 1], a non-finite diameter) or ``model_version``.
     """
     if not all(hasattr(result, a) for a in ("task", "model_version", "candidates")):
         raise InputError(f"must be a DetectionResult, got {type(result).__name__}", field="result")
@@ -422,7 +422,8 @@ def detection_sr_bytes(
     """:func:`build_detection_sr` on the DICOM source at ``source`` (a folder or file), as Part 10 bytes.
 
     Raises:
-        InputError: naming ``sr`` or ``result`` (see :func:`sr_source_datasets`, :func:`build_detection_sr`).
+        InputError: naming ``sr``, ``result`` or ``model_version`` (see :func:`sr_source_datasets`,
+            :func:`build_detection_sr`).
     """
     datasets = sr_source_datasets(Path(source), volume)
     return dataset_bytes(build_detection_sr(result, volume, datasets, model_name=model_name))
@@ -448,7 +449,8 @@ def estimation_sr_bytes(
     DICOM source at ``source``, as Part 10 bytes.
 
     Raises:
-        InputError: naming ``sr`` or ``lesion_id``; a ``seg`` that is not a DICOM SEG names ``sr``.
+        InputError: naming ``sr`` (not DICOM, a ``seg`` that is not a readable DICOM SEG) or
+            ``lesion_id``.
     """
     seg_dataset = _as_dataset(seg)
     datasets = sr_source_datasets(Path(source), volume)
