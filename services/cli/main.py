@@ -16,12 +16,14 @@ from pathlib import Path
 
 from services.cli import (
     circus_cmd,
+    circus_db_cmd,
     data_cmd,
     demo_cmd,
     detect_cmd,
     estimate_cmd,
     evaluate_cmd,
     experiment_cmd,
+    feedback_cmd,
     info_cmd,
     inspect_cmd,
     models_cmd,
@@ -53,6 +55,8 @@ _COMMANDS = (
     demo_cmd,
     circus_cmd,
     pacs_cmd,
+    circus_db_cmd,
+    feedback_cmd,
 )
 
 
