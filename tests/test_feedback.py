@@ -315,3 +315,97 @@ def test_cli_simulate_then_ingest_on_a_phantom_truth(manifest, tmp_path):
         "TP",
     )
     assert bad.returncode == 2 and bad.stderr.startswith("wlcad: error: choices")
+
+
+def test_phantom_loop_with_the_shipped_detector(tmp_path):
+    """Phantoms → ``wlcad detect`` (the shipped chest CT detector) → the phantom reader → ingest into a
+    manifest missing one detected lesion: that lesion comes back as a reader sphere label, every false
+    positive becomes a hard negative outside every true lesion, and the rest are confirmed."""
+    from training.data.dataset import write_dataset
+
+    write_dataset("chest-ct-nodule", 2, 901, tmp_path / "ph", size_xyz=(96, 96, 48))
+    truth = tmp_path / "ph" / "manifest.csv"
+    det = tmp_path / "det"
+    done = run_cli(
+        "detect", "--task", "chest-ct-nodule", "--manifest", str(truth), "--out", str(det), timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    cases = sorted({row["case_id"] for row in read_manifest(truth, check_files=False)})
+    verdicts = {}
+    for case in cases:
+        out = tmp_path / f"{case}.verdicts.json"
+        done = run_cli(
+            "feedback",
+            "simulate",
+            "--candidates",
+            str(det / f"{case}.json"),
+            "--manifest",
+            str(truth),
+            "--out",
+            str(out),
+        )
+        assert done.returncode == 0, done.stderr
+        verdicts[case] = json.loads(out.read_text())
+    assert any(v == "TP" for per_case in verdicts.values() for v in per_case.values())
+    # hide one lesion the detector found: the reader's TP must bring it back
+    hit_case = next(case for case in cases if "TP" in verdicts[case].values())
+    hit = detect_candidates(json.loads((det / f"{hit_case}.json").read_text()))[
+        int(next(rank for rank, v in verdicts[hit_case].items() if v == "TP")) - 1
+    ]
+    truth_rows = _rows(truth)
+    lesions = [r for r in truth_rows if r["case_id"] == hit_case and r["lesion_id"]]
+    hidden = min(
+        lesions,
+        key=lambda r: np.linalg.norm(np.subtract([float(r[f"center_{a}_mm"]) for a in "xyz"], hit.center_mm)),
+    )
+    grown = tmp_path / "ph" / "grown.csv"
+    with grown.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(truth_rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(r for r in truth_rows if r is not hidden)
+    totals = {"added_lesions": 0, "added_hard_negatives": 0, "confirmed": 0}
+    for case in cases:
+        out = tmp_path / f"{case}.verdicts.json"
+        done = run_cli(
+            "feedback",
+            "ingest",
+            str(out),
+            "--candidates",
+            str(det / f"{case}.json"),
+            "--manifest",
+            str(grown),
+        )
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout)
+        for key in totals:
+            totals[key] += summary[key]
+    false_positives = sum(v == "FP" for per_case in verdicts.values() for v in per_case.values())
+    true_positives = sum(v == "TP" for per_case in verdicts.values() for v in per_case.values())
+    assert totals == {
+        "added_lesions": 1,
+        "added_hard_negatives": false_positives,
+        "confirmed": true_positives - 1,
+    }
+    rows = read_manifest(grown, check_files=True)
+    (back,) = [r for r in _rows(grown) if r["label_source"] == "reader-tp"]
+    assert back["case_id"] == hit_case
+    distance = np.linalg.norm(
+        np.subtract(
+            [float(back[f"center_{a}_mm"]) for a in "xyz"], [float(hidden[f"center_{a}_mm"]) for a in "xyz"]
+        )
+    )
+    assert distance <= float(hidden["diameter_mm"]) / 2
+    true = [
+        (
+            np.asarray([r["center_x_mm"], r["center_y_mm"], r["center_z_mm"]]),
+            r["diameter_mm"] / 2,
+            r["case_id"],
+        )
+        for r in read_manifest(truth, check_files=False)
+        if r["lesion_id"]
+    ]
+    negatives = [r for r in rows if (r.get("hard_negative") or "") == "true"]
+    assert len(negatives) == false_positives
+    for row in negatives:
+        centre = np.asarray([row["center_x_mm"], row["center_y_mm"], row["center_z_mm"]])
+        assert all(np.linalg.norm(centre - c) > radius for c, radius, case in true if case == row["case_id"])
