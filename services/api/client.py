@@ -2,7 +2,9 @@
 
 Volumes up to :data:`UNARY_LIMIT_BYTES` go in one ``Estimate`` message; bigger ones, and image
 files, are streamed with ``EstimateUpload`` in chunks of at most 4 MiB, so the client never holds a
-second copy of a big volume.
+second copy of a big volume. ``outputs`` (``DICOM_SEG``, ``DICOM_SR`` of :mod:`services.api.pb.common_pb2`)
+asks for the lesions' DICOM SEG and SR too, returned as Part 10 bytes in ``dicom_seg`` / ``dicom_sr``
+(DICOM sources only; the SR needs the SEG).
 """
 
 from __future__ import annotations
@@ -81,24 +83,35 @@ class LabelEstimationClient:
         return self._stub.Estimate(request, timeout=timeout, metadata=self._metadata)
 
     def estimate_volume(
-        self, volume: Volume, prompts: Sequence[LesionPrompt], method: str, timeout: float = 120.0
+        self,
+        volume: Volume,
+        prompts: Sequence[LesionPrompt],
+        method: str,
+        timeout: float = 120.0,
+        outputs: Sequence[int] = (),
     ) -> pb.EstimateResponse:
         """Unary for small volumes, a chunked upload for big ones."""
         lesions = prompts_to_proto(prompts)
         if volume.array.nbytes <= UNARY_LIMIT_BYTES:
             source = image_pb2.ImageSource(volume=volume_to_proto(volume))
             return self.estimate_request(
-                pb.EstimateRequest(image=source, lesions=lesions, method=method), timeout
+                pb.EstimateRequest(image=source, lesions=lesions, method=method, outputs=list(outputs)),
+                timeout,
             )
         header = volume_to_proto(volume, with_data=False)
         request = pb.EstimateRequest(
-            image=image_pb2.ImageSource(volume=header), lesions=lesions, method=method
+            image=image_pb2.ImageSource(volume=header), lesions=lesions, method=method, outputs=list(outputs)
         )
         array = np.ascontiguousarray(volume.array, dtype=volume.array.dtype.newbyteorder("<"))
         return self.upload(request, memoryview(array).cast("B"), timeout)
 
     def estimate_file(
-        self, path: Path, prompts: Sequence[LesionPrompt], method: str, timeout: float = 120.0
+        self,
+        path: Path,
+        prompts: Sequence[LesionPrompt],
+        method: str,
+        timeout: float = 120.0,
+        outputs: Sequence[int] = (),
     ) -> pb.EstimateResponse:
         """An image file (or a DICOM series folder, sent as a zip): the service reads it."""
         path = Path(path)
@@ -108,10 +121,12 @@ class LabelEstimationClient:
         if len(content) <= UNARY_LIMIT_BYTES:
             source = image_pb2.ImageSource(file=image_pb2.ImageFile(filename=filename, content=content))
             return self.estimate_request(
-                pb.EstimateRequest(image=source, lesions=lesions, method=method), timeout
+                pb.EstimateRequest(image=source, lesions=lesions, method=method, outputs=list(outputs)),
+                timeout,
             )
         source = image_pb2.ImageSource(file=image_pb2.ImageFile(filename=filename))
-        return self.upload(pb.EstimateRequest(image=source, lesions=lesions, method=method), content, timeout)
+        request = pb.EstimateRequest(image=source, lesions=lesions, method=method, outputs=list(outputs))
+        return self.upload(request, content, timeout)
 
     def upload(
         self, request: pb.EstimateRequest, data: bytes | memoryview, timeout: float = 120.0

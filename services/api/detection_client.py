@@ -3,12 +3,14 @@
 Volumes up to the unary limit travel in one message, bigger ones as a chunked upload; a file (or a
 DICOM series folder, zipped) is read by the service. Results come back as the pipeline's own
 :class:`services.cade.pipeline.DetectionResult`, on the caller's image grid, so a demo, a test or a
-PACS bridge scores them with the same code as ``wlcad detect``'s JSON.
+PACS bridge scores them with the same code as ``wlcad detect``'s JSON. ``outputs`` (``DICOM_SR``,
+``DICOM_SEG`` of :mod:`services.api.pb.common_pb2`) asks for the run's DICOM objects too; they come back
+as Part 10 bytes in the response's ``dicom_sr`` / ``dicom_seg`` (DICOM sources only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +66,14 @@ class DetectionClient:
         return self._stub.Describe(common_pb2.DescribeRequest(), timeout=timeout, metadata=self._metadata)
 
     def _request(
-        self, task: str, source: image_pb2.ImageSource, threshold: float | None, fp_rate: float | None
+        self,
+        task: str,
+        source: image_pb2.ImageSource,
+        threshold: float | None,
+        fp_rate: float | None,
+        outputs: Sequence[int] = (),
     ) -> detection_pb2.DetectRequest:
-        request = detection_pb2.DetectRequest(task=task, image=source)
+        request = detection_pb2.DetectRequest(task=task, image=source, outputs=list(outputs))
         if threshold is not None:
             request.threshold = threshold
         if fp_rate is not None:
@@ -80,16 +87,17 @@ class DetectionClient:
         *,
         threshold: float | None = None,
         fp_rate: float | None = None,
+        outputs: Sequence[int] = (),
         timeout: float = 300.0,
     ) -> detection_pb2.DetectResponse:
         if volume.array.nbytes <= UNARY_LIMIT_BYTES:
             source = image_pb2.ImageSource(volume=volume_to_proto(volume))
-            request = self._request(task, source, threshold, fp_rate)
+            request = self._request(task, source, threshold, fp_rate, outputs)
             return self._stub.Detect(request, timeout=timeout, metadata=self._metadata)
         header = image_pb2.ImageSource(volume=volume_to_proto(volume, with_data=False))
         array = np.ascontiguousarray(volume.array, dtype=volume.array.dtype.newbyteorder("<"))
         return self._send_upload(
-            self._request(task, header, threshold, fp_rate), memoryview(array).cast("B"), timeout
+            self._request(task, header, threshold, fp_rate, outputs), memoryview(array).cast("B"), timeout
         )
 
     def detect_file(
@@ -99,6 +107,7 @@ class DetectionClient:
         *,
         threshold: float | None = None,
         fp_rate: float | None = None,
+        outputs: Sequence[int] = (),
         timeout: float = 300.0,
     ) -> detection_pb2.DetectResponse:
         """An image file, or a DICOM series folder sent as a zip: the service reads it."""
@@ -107,10 +116,10 @@ class DetectionClient:
         filename = f"{path.name}.zip" if path.is_dir() else path.name
         if len(content) <= UNARY_LIMIT_BYTES:
             source = image_pb2.ImageSource(file=image_pb2.ImageFile(filename=filename, content=content))
-            request = self._request(task, source, threshold, fp_rate)
+            request = self._request(task, source, threshold, fp_rate, outputs)
             return self._stub.Detect(request, timeout=timeout, metadata=self._metadata)
         source = image_pb2.ImageSource(file=image_pb2.ImageFile(filename=filename))
-        return self._send_upload(self._request(task, source, threshold, fp_rate), content, timeout)
+        return self._send_upload(self._request(task, source, threshold, fp_rate, outputs), content, timeout)
 
     def _send_upload(
         self, request: detection_pb2.DetectRequest, data: bytes | memoryview, timeout: float

@@ -8,6 +8,9 @@ A task's model ``cade_<task>`` is bound on first use and kept. A task whose mode
 lacks (or holds in a form that cannot serve the task) leaves the service running: ``Describe`` lists
 the task as unavailable with the reason, and ``Detect`` answers FAILED_PRECONDITION naming the task —
 looked up again on every request, so a model registered later is served without a restart.
+
+``outputs`` adds the run's DICOM SR (TID 1500) and, on a 3D task, a SEG of the candidates' spheres,
+made as ``wlcad pacs run`` makes them (:mod:`services.servers.dicom_outputs`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
+import pydicom
 
 from services.api.convert import volume_to_proto
 from services.api.pb import common_pb2
@@ -31,23 +35,28 @@ from services.cade.tasks import TASKS, CadeTask, task_named
 from services.core.errors import InputError
 from services.core.version import software_version
 from services.core.volume import Volume
+from services.servers import dicom_outputs
+from services.servers.dicom_outputs import NO_OUTPUTS, DicomOutputsServicer, Outputs
 from services.servers.observability import INFERENCE
-from services.servers.scaffold import CapabilityServicer, MethodStatus, ServiceSettings
+from services.servers.scaffold import MethodStatus, ServiceSettings
 
 UPLOAD = upload_shape(pb.DetectUploadMessage.DESCRIPTOR)
 
 
 @dataclass(frozen=True)
 class _Prepared:
-    """A Detect request checked before its image: the task, its bound model and the cut-off."""
+    """A Detect request checked before its image: the task, its bound model, the cut-off, the DICOM
+    objects asked for and (an upload asking for them) the source headers."""
 
     request: pb.DetectRequest
     task: CadeTask
     model: CadeModel
     threshold: float
+    outputs: Outputs = NO_OUTPUTS
+    headers: list[pydicom.Dataset] | None = None
 
 
-class DetectionServicer(CapabilityServicer):
+class DetectionServicer(DicomOutputsServicer):
     """Serves :class:`services.cade.pipeline.Detector` for every task of :data:`services.cade.tasks.TASKS`."""
 
     component = "cade"
@@ -98,8 +107,16 @@ class DetectionServicer(CapabilityServicer):
             request.threshold if request.HasField("threshold") else None,
             request.fp_rate if request.HasField("fp_rate") else None,
         )
+        outputs = dicom_outputs.requested_outputs(request.outputs)
+        if outputs.seg and task.dims == 2:
+            raise InputError(
+                f"{task.name} works on radiographs, which have no patient space for a DICOM SEG; ask for "
+                "DICOM_SR",
+                field=dicom_outputs.FIELD,
+            )
+        dicom_outputs.check_request(outputs, request.image)
         model = self._model(task)
-        return _Prepared(request, task, model, cutoff.resolve(model))
+        return _Prepared(request, task, model, cutoff.resolve(model), outputs)
 
     def _model(self, task: CadeTask) -> CadeModel:
         """The task's bound model; PreconditionError (naming the task) when it cannot be served."""
@@ -147,12 +164,50 @@ class DetectionServicer(CapabilityServicer):
         return info
 
     def _detect(self, prepared: _Prepared, image: Volume | None) -> pb.DetectResponse:
+        headers = prepared.headers
         if image is None:
             image = self.image(prepared.request.image)
+            if prepared.outputs.any:  # refused before the model runs; headers read once
+                dicom_outputs.check_image(prepared.outputs, image)
+                headers = dicom_outputs.source_headers(prepared.request.image, None)
         started = time.perf_counter()
         result = detect_at(prepared.model, image, prepared.threshold)
         INFERENCE.labels(prepared.task.name, result.model_version).observe(time.perf_counter() - started)
-        return result_to_proto(result, prepared.task, prepared.threshold, image)
+        response = result_to_proto(result, prepared.task, prepared.threshold, image)
+        if prepared.outputs.any:
+            _add_outputs(response, prepared, result, image, headers or [])
+            dicom_outputs.check_size(response)
+        return response
+
+
+def _add_outputs(
+    response: pb.DetectResponse,
+    prepared: _Prepared,
+    result: DetectionResult,
+    image: Volume,
+    headers: list[pydicom.Dataset],
+) -> None:
+    """The SR of the run and, when asked on a 3D task with candidates, the SEG of their spheres (the
+    SEG and the SR of ``wlcad pacs run``; no SEG without a candidate: a SEG needs a segment)."""
+    from services.core.io.dicom_seg import SegLesion, seg_bytes
+    from services.core.io.dicom_sr import detection_sr_bytes
+    from services.pacs.run import _DETECTION_LESION_TYPES as LESION_TYPES  # one table with pacs run
+    from services.pacs.run import sphere_label_map
+
+    task = prepared.task
+    with dicom_outputs.remapped(), dicom_outputs.header_folder(headers) as folder:
+        if prepared.outputs.sr:
+            response.dicom_sr = detection_sr_bytes(result, image, folder, model_name=task.model_name)
+        if prepared.outputs.seg and result.candidates:
+            labels = sphere_label_map(image, result.candidates)
+            lesions = [
+                SegLesion(rank, f"cade {task.name}", result.model_version, LESION_TYPES.get(task.name, ""))
+                for rank in range(1, len(result.candidates) + 1)
+                if (labels == rank).any()
+            ]
+            response.dicom_seg = seg_bytes(
+                folder, image, labels, lesions, software_version=software_version()
+            )
 
 
 def result_to_proto(

@@ -1,7 +1,9 @@
 """The LabelEstimation gRPC service: a thin adapter from ``wlcad.v1`` messages to the pipeline.
 
 Slots, uploads, deadlines, error mapping, metrics and ``Describe`` come from the scaffold
-(:mod:`services.servers.scaffold`); this module only says what each RPC computes.
+(:mod:`services.servers.scaffold`); this module only says what each RPC computes. ``outputs`` adds
+the lesions' DICOM SEG and their measurements' SR (TID 1500), as ``wlcad estimate --seg --sr`` writes
+them (:mod:`services.servers.dicom_outputs`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pydicom
 from scipy import ndimage
 
 from services.api.convert import measurements_to_proto, pack_mask, volume_to_proto
@@ -28,25 +31,30 @@ from services.core.volume import Volume
 from services.core.work_budget import checkpoint
 from services.label_estimation.dose import Isodose, dose_labels, read_rtdose
 from services.label_estimation.methods import METHODS, Method, method_named
-from services.label_estimation.pipeline import LabelEstimator
+from services.label_estimation.pipeline import LabelEstimator, LesionEstimate
 from services.label_estimation.wire import estimate_to_proto, prompts_from_proto
+from services.servers import dicom_outputs
+from services.servers.dicom_outputs import NO_OUTPUTS, DicomOutputsServicer, Outputs
 from services.servers.observability import INFERENCE
-from services.servers.scaffold import CapabilityServicer, MethodStatus, ServiceSettings
+from services.servers.scaffold import MethodStatus, ServiceSettings
 
 UPLOAD = upload_shape(pb.EstimateUploadMessage.DESCRIPTOR)
 
 
 @dataclass(frozen=True)
 class _Prepared:
-    """An Estimate request checked before its image: the method, its estimator and the prompts."""
+    """An Estimate request checked before its image: the method, its estimator, the prompts, the
+    DICOM objects asked for and (an upload asking for them) the source headers."""
 
     request: pb.EstimateRequest
     method: Method
     estimator: LabelEstimator
     prompts: list[LesionPrompt]
+    outputs: Outputs = NO_OUTPUTS
+    headers: list[pydicom.Dataset] | None = None
 
 
-class LabelEstimationServicer(CapabilityServicer):
+class LabelEstimationServicer(DicomOutputsServicer):
     """Serves the pipeline; a method's model is loaded on its first request and kept."""
 
     component = "label-estimation"
@@ -82,7 +90,15 @@ class LabelEstimationServicer(CapabilityServicer):
         """Everything about a request that is known before its image, checked once (an upload is
         refused before any voxel arrives)."""
         method = method_named(request.method)
-        return _Prepared(request, method, self._estimator(method), prompts_from_proto(request.lesions))
+        prompts = prompts_from_proto(request.lesions)
+        outputs = dicom_outputs.requested_outputs(request.outputs)
+        if outputs.sr and not outputs.seg:
+            raise InputError(
+                "the estimation SR reports each lesion on its SEG segment; ask for DICOM_SEG with DICOM_SR",
+                field=dicom_outputs.FIELD,
+            )
+        dicom_outputs.check_request(outputs, request.image)
+        return _Prepared(request, method, self._estimator(method), prompts, outputs)
 
     def _estimator(self, method: Method) -> LabelEstimator:
         if method.model is None:
@@ -98,17 +114,25 @@ class LabelEstimationServicer(CapabilityServicer):
             return LabelEstimator(self._models[method.model])
 
     def _estimate(self, prepared: _Prepared, image: Volume | None) -> pb.EstimateResponse:
+        headers = prepared.headers
         if image is None:
             image = self.image(prepared.request.image)
+            if prepared.outputs.any:  # refused before computing; headers read once
+                dicom_outputs.check_image(prepared.outputs, image)
+                headers = dicom_outputs.source_headers(prepared.request.image, None)
         started = time.perf_counter()
         estimates = prepared.estimator.estimate(image, prepared.prompts, prepared.method)
         version = next((e.model_version for e in estimates if e.model_version), None) or software_version()
         INFERENCE.labels(prepared.method.name, version).observe(time.perf_counter() - started)
-        return pb.EstimateResponse(
+        response = pb.EstimateResponse(
             lesions=[estimate_to_proto(e) for e in estimates],
             software_version=software_version(),
             grid=volume_to_proto(image, with_data=False),
         )
+        if prepared.outputs.any:
+            _add_outputs(response, prepared.outputs, estimates, image, headers or [])
+            dicom_outputs.check_size(response)
+        return response
 
     def _dose(self, request: pb.DoseRequest) -> pb.DoseResponse:
         if not request.rtdose_dicom:
@@ -151,3 +175,23 @@ class LabelEstimationServicer(CapabilityServicer):
         return pb.DoseResponse(
             targets=results, software_version=software_version(), grid=volume_to_proto(image, with_data=False)
         )
+
+
+def _add_outputs(
+    response: pb.EstimateResponse,
+    outputs: Outputs,
+    estimates: list[LesionEstimate],
+    image: Volume,
+    headers: list[pydicom.Dataset],
+) -> None:
+    """The SEG of the non-empty lesions and, when asked, the SR of their measurements on it; both
+    left empty when every lesion came out empty (a SEG needs a segment; each lesion's QC says so)."""
+    from services.label_estimation.outputs import dicom_seg_bytes, dicom_sr_bytes
+
+    if not any(e.mask.voxel_count for e in estimates):
+        return
+    with dicom_outputs.remapped(), dicom_outputs.header_folder(headers) as folder:
+        seg = dicom_seg_bytes(image, estimates, folder)
+        response.dicom_seg = seg
+        if outputs.sr:
+            response.dicom_sr = dicom_sr_bytes(image, estimates, folder, seg)
