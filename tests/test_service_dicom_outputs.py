@@ -27,6 +27,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from google.protobuf import json_format
 from pydicom.sr.codedict import codes
 
 from services.api.client import LabelEstimationClient, channel, zip_folder
@@ -88,6 +89,9 @@ def stack(tmp_path_factory, orthanc, ct_series):
     root = tmp_path_factory.mktemp("models")
     register_onnx_model(
         root, "cade_chest-ct-nodule", blob_scorer_onnx(3, 32), metrics={}, max_batch_size=4, **CARD
+    )
+    register_onnx_model(
+        root, "cade_cxr-mass", blob_scorer_onnx(2, None), metrics={}, max_batch_size=2, **CARD
     )
     logs = tmp_path_factory.mktemp("logs")
     cade, labels = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
@@ -348,6 +352,27 @@ def test_detect_by_dicomweb_reference_returns_the_sr(stack, orthanc, ct_series, 
     _assert_sr_equals_candidates(path, _candidates_of(response), image)
 
 
+def test_detect_on_a_radiograph_returns_a_planar_sr(stack, sample, tmp_path):
+    """cxr-mass on the real CR (one .dcm; the reader keeps no instance UID for a radiograph, so the SR
+    references the file's own header): one planar circle per candidate, equal to the candidates."""
+    cade, *_ = stack
+    xray = sample("chest-xray")
+    with DetectionClient(cade) as client:
+        response = client.detect_file("cxr-mass", xray, threshold=THRESHOLD, outputs=[SR])
+    assert response.candidates and not response.dicom_seg
+    path = _saved(response.dicom_sr, tmp_path, "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
+    assert len(groups) == len(response.candidates)
+    source_uid = str(pydicom.dcmread(xray, stop_before_pixels=True).SOPInstanceUID)
+    for group, cand in zip(groups, response.candidates, strict=True):
+        centre, _ = np.asarray(group.roi.value, dtype=float)
+        np.testing.assert_allclose(centre, np.asarray(cand.center_mm[:2]) + 0.5, atol=1e-3)  # 1 mm pixels
+        (confidence,) = group.get_measurements(name=codes.DCM.CertaintyOfFinding)
+        assert confidence.value == pytest.approx(cand.confidence, rel=1e-6)
+        assert {str(r.ReferencedSOPInstanceUID) for r in _references(group)} == {source_uid}
+
+
 # -- label estimation -----------------------------------------------------------------------------------
 
 
@@ -382,11 +407,34 @@ def test_estimate_over_http_json_returns_seg_and_sr(stack, ct_series, ct_image, 
     }
     status, answer = _post(f"{http_url}/v1/labels:estimate", json.dumps(payload).encode(), "application/json")
     assert status == 200, answer
-    response = lpb.EstimateResponse()
-    from google.protobuf import json_format
-
-    json_format.ParseDict(answer, response)
+    response = json_format.ParseDict(answer, lpb.EstimateResponse())
     _assert_estimation_outputs(response, ct_image, inherited, tmp_path)
+
+
+def test_estimate_upload_of_one_multiframe_file_over_http_returns_seg_and_sr(stack, sample, tmp_path):
+    """One enhanced multi-frame .dcm through the multipart route (the service tees the single file):
+    the SEG's frames reference the source frames, read back equal to the returned mask."""
+    *_, http_url = stack
+    source = sample("ct-3slice-dicom").parent / "24x38x3" / "multiframe" / "mf.dcm"
+    image = read_image(source)
+    center = [float(v) for v in image.index_to_world([12, 19, 1])]
+    request = {
+        "lesions": [{"lesion_id": 1, "center_mm": center, "diameter_mm": 6.0}],
+        "method": "sphere",
+        "outputs": ["DICOM_SEG", "DICOM_SR"],
+    }
+    body, content_type = _multipart(request, "mf.dcm", source.read_bytes())
+    status, answer = _post(f"{http_url}/v1/labels:upload", body, content_type)
+    assert status == 200, answer
+    response = json_format.ParseDict(answer, lpb.EstimateResponse())
+    _assert_estimation_outputs(response, image, source_uids([source]), tmp_path)
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    frames = {
+        int(s.ReferencedFrameNumber)
+        for item in seg.PerFrameFunctionalGroupsSequence
+        for s in item.DerivationImageSequence[0].SourceImageSequence
+    }
+    assert frames and frames <= {1, 2, 3}
 
 
 # -- refusals --------------------------------------------------------------------------------------------

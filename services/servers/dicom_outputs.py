@@ -151,14 +151,21 @@ def _header(stream: BinaryIO) -> pydicom.Dataset:
 
 def _file_meta(dataset: pydicom.Dataset, original: FileMetaDataset | None) -> FileMetaDataset:
     """The file meta of a header-only copy: explicit VR little endian whatever the source's pixels
-    were encoded in (the copy has no pixels), the SOP identity from the source's own meta if any."""
+    were encoded in (the copy has no pixels), the SOP identity from the data set or its own meta.
+
+    Raises:
+        InputError: naming ``outputs``: an instance without SOP Class or Instance UID (nothing a
+            derived object could reference).
+    """
     meta = FileMetaDataset()
-    sop_class = dataset.get("SOPClassUID") or (original.get("MediaStorageSOPClassUID") if original else None)
-    sop_instance = dataset.get("SOPInstanceUID") or (
-        original.get("MediaStorageSOPInstanceUID") if original else None
-    )
-    meta.MediaStorageSOPClassUID = sop_class or "1.2.840.10008.5.1.4.1.1.7"
-    meta.MediaStorageSOPInstanceUID = sop_instance or pydicom.uid.generate_uid()
+    for keyword, meta_keyword in (
+        ("SOPClassUID", "MediaStorageSOPClassUID"),
+        ("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+    ):
+        value = dataset.get(keyword) or (original.get(meta_keyword) if original is not None else None)
+        if not value:
+            raise InputError(f"a source instance has no {keyword} to reference", field=FIELD)
+        setattr(meta, meta_keyword, value)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return meta
 
@@ -221,6 +228,8 @@ def headers_from_dicomweb(
             kept = minimal_source_copy(dataset)
             kept.file_meta = _file_meta(dataset, None)
             headers.append(kept)
+    except InputError:
+        raise
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ConnectionError(f"DICOMweb metadata unreadable ({type(exc).__name__})") from None
     return headers
