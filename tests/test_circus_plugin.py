@@ -327,6 +327,8 @@ def test_build_plugin_writes_a_valid_plugin_json_and_a_clean_dockerfile(task, tm
     jsonschema.validate(plugin, PLUGIN_SCHEMA)
     assert plugin["type"] == "CAD" and plugin["version"] == "1.2.3" and len(plugin["description"]) <= 128
     assert plugin["displayStrategy"][0]["type"] == "LesionCandidates"
+    listener = plugin["displayStrategy"][0]["options"]["feedbackListener"]
+    assert listener == {"type": "Choice", "options": {"personal": ["TP", "FP"]}}  # what feedback ingest reads
     assert ("VolumeOverlay" in {s["type"] for s in plugin["displayStrategy"]}) == (task == "label-estimation")
     remote = json.loads((tmp_path / "plugin-remote.json").read_text())
     jsonschema.validate(remote, PLUGIN_SCHEMA)

@@ -50,6 +50,10 @@ SEMVER = re.compile(
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+#: The per-candidate verdicts a reader chooses from, in the order CIRCUS stores as 0, 1.
+FEEDBACK_CHOICES = ("TP", "FP")
+
+
 @dataclass(frozen=True)
 class Capability:
     """One wlcad capability offered as a plug-in.
@@ -69,7 +73,17 @@ class Capability:
     def display_strategy(self) -> list[dict[str, Any]]:
         """What CIRCUS shows: the ranked candidates (reader feedback per candidate), and for label
         estimation the masks over the image."""
-        strategy = [{"type": "LesionCandidates", "feedbackKey": "lesionCandidates", "caption": self.caption}]
+        # The reader marks each candidate TP or FP with CIRCUS's Choice listener (the value stored is the
+        # option's index), which is what ``wlcad feedback ingest --choices TP,FP`` reads back.
+        verdicts = {"feedbackListener": {"type": "Choice", "options": {"personal": list(FEEDBACK_CHOICES)}}}
+        strategy = [
+            {
+                "type": "LesionCandidates",
+                "feedbackKey": "lesionCandidates",
+                "caption": self.caption,
+                "options": verdicts,
+            }
+        ]
         if self.overlays:
             strategy.append(
                 {"type": "VolumeOverlay", "feedbackKey": "volumeOverlay", "caption": "Lesion masks"}
