@@ -276,3 +276,69 @@ def test_a_finished_run_is_calibrated_on_validation_cases(tmp_path: Path) -> Non
     assert entry.extra["operating_points"] == points
     assert "validation seed 1102 × 1 cases" in entry.data_manifest
     assert entry.sha256 == sha256_file(model_dir / "1" / "model.onnx")
+
+
+def _with_hard_negative(manifest: Path, out: Path) -> Path:
+    """``manifest`` plus one reader-rejected candidate (``wlcad feedback ingest``'s columns) on case 0,
+    placed in the body but away from every lesion."""
+    import csv
+
+    rows = list(csv.DictReader(manifest.open()))
+    first = rows[0]
+    image = read_image(manifest.parent / first["image"])
+    lesions = [
+        np.array([float(r["center_x_mm"]), float(r["center_y_mm"]), float(r["center_z_mm"])])
+        for r in rows
+        if r["case_id"] == first["case_id"] and r["lesion_id"]
+    ]
+    world = image.grid.world_grid().reshape(-1, 3)
+    inside = np.asarray(image.array).ravel() > -500
+    far = np.min([np.linalg.norm(world - c, axis=1) for c in lesions], axis=0) > 25 if lesions else inside
+    centre = tuple(float(v) for v in world[np.flatnonzero(inside & far)[0]])
+    negative = {key: "" for key in first} | {
+        "case_id": first["case_id"],
+        "image": first["image"],
+        "mask": first["mask"],
+        "abnormal": first["abnormal"],
+        "center_x_mm": f"{centre[0]:.3f}",
+        "center_y_mm": f"{centre[1]:.3f}",
+        "center_z_mm": f"{centre[2]:.3f}",
+        "diameter_mm": "9.0",
+        "label_source": "reader-fp",
+        "hard_negative": "true",
+    }
+    grown = out / "grown.csv"
+    with grown.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*first.keys(), "label_source", "hard_negative"])
+        writer.writeheader()
+        writer.writerows([{**r, "label_source": "", "hard_negative": ""} for r in rows] + [negative])
+    for folder in ("images", "masks"):
+        (out / folder).symlink_to(manifest.parent / folder)
+    return grown
+
+
+def test_hard_negatives_from_reader_feedback_get_a_quarter_of_the_background_patches(
+    train_manifest, tmp_path: Path
+) -> None:
+    grown = _with_hard_negative(train_manifest, tmp_path)
+    plain = working_cases(TASK, train_manifest)
+    cases = working_cases(TASK, grown)
+    assert [c.label.sum() for c in cases] == [c.label.sum() for c in plain]  # no label changed
+    rejected = cases[0].hard_negative
+    assert rejected.size > 0 and all(c.hard_negative.size == 0 for c in cases[1:])
+    assert not cases[0].label.ravel()[rejected].any()
+    sampler = PatchSampler(TASK, cases, seed=0)
+    padded = sampler.cases[0].label.shape[1:]
+    in_rejected = np.isin(
+        sampler.cases[0].bg,
+        np.ravel_multi_index(np.unravel_index(rejected, cases[0].label.shape[1:]), padded),
+    )
+    assert 0.2 < in_rejected.mean() < 0.3
+    result = train_cade(TASK, _manifest_settings(tmp_path, grown))
+    assert json.loads(result.training_json.read_text())["train_manifest"] == str(grown)
+
+
+def _manifest_settings(tmp_path: Path, manifest: Path) -> CadeTrainingSettings:
+    run = settings(tmp_path / "run", 0)
+    run.train_manifest = manifest
+    return run

@@ -9,7 +9,7 @@ weak label: the union of one sphere per lesion from the manifest's centre and ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +37,9 @@ class WorkingCase:
     case_id: str
     image: np.ndarray
     label: np.ndarray
+    #: Flat indices (into the spatial array) of voxels inside the case's hard negatives: places a
+    #: reader called a false positive, where the sampler centres extra lesion-free patches.
+    hard_negative: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class CaseRows:
     image: Path
     mask: Path | None
     prompts: tuple[LesionPrompt, ...]
+    #: ``hard_negative=true`` rows (centre + diameter of a rejected candidate; no lesion id).
+    hard_negatives: tuple[LesionPrompt, ...] = ()
 
 
 def phantom_split(
@@ -78,15 +83,19 @@ def phantom_split(
 
 
 def manifest_cases(manifest: Path) -> list[CaseRows]:
-    """Every case of ``manifest`` (lesion-free ones too: they teach the network what is not a lesion)."""
+    """Every case of ``manifest`` (lesion-free ones too: they teach the network what is not a lesion),
+    with its ``hard_negative`` rows (columns of ``services.feedback.ingest``) as hard negatives."""
     cases: dict[str, CaseRows] = {}
     for row in read_manifest(manifest, check_files=True, strict=True):
         known = cases.get(row["case_id"])
         prompts = known.prompts if known else ()
+        negatives = known.hard_negatives if known else ()
+        centre = (row["center_x_mm"], row["center_y_mm"], row["center_z_mm"] or 0.0)
         if row["lesion_id"] is not None:
-            centre = (row["center_x_mm"], row["center_y_mm"], row["center_z_mm"] or 0.0)
             prompts += (LesionPrompt(centre, row["diameter_mm"], row["lesion_id"]),)
-        cases[row["case_id"]] = CaseRows(row["case_id"], row["image"], row.get("mask"), prompts)
+        elif str(row.get("hard_negative") or "").strip().lower() == "true":
+            negatives += (LesionPrompt(centre, row["diameter_mm"], len(negatives) + 1),)
+        cases[row["case_id"]] = CaseRows(row["case_id"], row["image"], row.get("mask"), prompts, negatives)
     return list(cases.values())
 
 
@@ -117,10 +126,11 @@ def working_case(task: CadeTask, case: CaseRows, target: Target = "sphere") -> W
         label = sphere_target(working, case.prompts)
     else:
         label = painted_target(working, case.mask, case.case_id)
+    negatives = sphere_target(working, case.hard_negatives) & (label == 0)
     image = np.asarray(working.array, dtype=np.float32)
     if task.dims == 2:
-        image, label = image[0], label[0]
-    return WorkingCase(case.case_id, image[None], label[None])
+        image, label, negatives = image[0], label[0], negatives[0]
+    return WorkingCase(case.case_id, image[None], label[None], np.flatnonzero(negatives))
 
 
 def working_cases(task: CadeTask, manifest: Path, target: Target = "sphere") -> list[WorkingCase]:

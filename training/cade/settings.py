@@ -21,6 +21,9 @@ class CadeTrainingSettings:
 
     out: Path = Path("runs/cade")
     cases: int = 40
+    #: A manifest to train on instead of the phantom train split (e.g. one grown by ``wlcad feedback
+    #: ingest``: reader-confirmed lesions as spheres, reader-rejected candidates as hard negatives).
+    train_manifest: Path | None = None
     test_cases: int = 0
     #: Validation cases the card's operating points are measured on (0: no operating points).
     validation_cases: int = 0
@@ -51,6 +54,8 @@ class CadeTrainingSettings:
         for name in ("test_cases", "validation_cases", "hybrid_test_cases"):
             if getattr(self, name) < 0:
                 raise InputError(f"must be ≥ 0, got {getattr(self, name)}", field=name)
+        if self.train_manifest is not None and not Path(self.train_manifest).is_file():
+            raise InputError(f"{self.train_manifest} does not exist", field="train_manifest")
         if self.target not in TARGETS:
             raise InputError(f"choose from {', '.join(TARGETS)}, got {self.target!r}", field="target")
         if not self.learning_rate > 0:
@@ -70,6 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, required=True, help="folder for phantoms, model.onnx, training.json"
     )
     parser.add_argument("--cases", type=int, default=40, help="training phantom cases (default 40)")
+    parser.add_argument(
+        "--train-manifest",
+        type=Path,
+        help="train on this manifest instead of the phantom train split (hard_negative rows are used)",
+    )
     parser.add_argument("--test-cases", type=int, default=0, help="held-out test cases to evaluate (FROC)")
     parser.add_argument(
         "--validation-cases",
@@ -108,6 +118,7 @@ def settings_from_args(args: argparse.Namespace, command: str = "") -> CadeTrain
     return CadeTrainingSettings(
         out=args.out,
         cases=args.cases,
+        train_manifest=args.train_manifest,
         test_cases=args.test_cases,
         validation_cases=args.validation_cases,
         hybrid_test_cases=args.hybrid_test_cases,

@@ -117,11 +117,18 @@ def indexed_case(case: WorkingCase, tile: tuple[int, ...], rng: np.random.Genera
         np.flatnonzero(background & (flat_image > BODY_LEVEL)),
         np.flatnonzero(background & (flat_image > BRIGHT_LEVEL)),
     ]
-    share = BACKGROUND_POOL // len(pools)
-    bg = np.concatenate(
-        [rng.choice(pool, min(share, pool.size), replace=False) for pool in pools if pool.size]
-    )
+    share = BACKGROUND_POOL // (len(pools) + bool(case.hard_negative.size))
+    picks = [rng.choice(pool, min(share, pool.size), replace=False) for pool in pools if pool.size]
+    if case.hard_negative.size:  # reader-rejected candidates: a quarter of the background centres
+        rejected = _padded_flat_indices(case.hard_negative, case.label.shape[1:], label.shape[1:])
+        picks.append(rng.choice(rejected, share, replace=True))
+    bg = np.concatenate(picks)
     return IndexedCase(torch.as_tensor(image), torch.as_tensor(label), lesion_balanced(label[0], rng), bg)
+
+
+def _padded_flat_indices(flat: np.ndarray, shape: tuple[int, ...], padded: tuple[int, ...]) -> np.ndarray:
+    """Flat indices into ``shape`` as flat indices into the far-end padded ``padded``."""
+    return np.ravel_multi_index(np.unravel_index(flat, shape), padded)
 
 
 def lesion_balanced(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -245,9 +252,13 @@ def data_description(task: CadeTask, settings: CadeTrainingSettings) -> str:
     """The card's data line: every split's seed and size, so the test set's seeds are on record."""
     size = "default size" if settings.size_xyz is None else "size {}×{}×{}".format(*settings.size_xyz)
     seeds = task.seeds
+    train = (
+        f"train manifest {Path(settings.train_manifest).name}"
+        if settings.train_manifest is not None
+        else f"train seed {seeds.train} × {settings.cases} cases"
+    )
     return (
-        f"{task.name} phantoms ({size}), {settings.target} targets: train seed {seeds.train} × {settings.cases} "
-        f"cases; held out: validation seed {seeds.validation} × {settings.validation_cases} cases (operating "
+        f"{task.name} phantoms ({size}), {settings.target} targets: {train}; held out: validation seed {seeds.validation} × {settings.validation_cases} cases (operating "
         f"points), test seed {seeds.test}"
         f" × {settings.test_cases} cases, hybrid-test seed {seeds.hybrid_test}"
         f" × {settings.hybrid_test_cases} cases (real {task.name} sample background)"
@@ -314,7 +325,11 @@ def train_cade(task: CadeTask | str, settings: CadeTrainingSettings) -> CadeTrai
         )
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_manifest = phantom_split(task, "train", settings.cases, out / "data", settings.size_xyz)
+    train_manifest = (
+        Path(settings.train_manifest)
+        if settings.train_manifest is not None
+        else phantom_split(task, "train", settings.cases, out / "data", settings.size_xyz)
+    )
     cases = working_cases(task, train_manifest, settings.target)
     with _progress_bar(settings) as bar:
 
