@@ -80,3 +80,25 @@ def test_a_missing_series_is_invalid_argument(orthanc, stored, stack):
         stub.Estimate(request, timeout=60)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "no such study/series" in error.value.details()
+
+
+def test_a_jpeg_2000_series_is_fetched_as_stored(orthanc, stack, tmp_path):
+    """The real CT sample is JPEG 2000: the fetch must accept the stored transfer syntax (Orthanc
+    cannot transcode it and answered 500 to a plain request) and decode it like the files."""
+    from services.core.io import read_image
+    from services.core.sample_data import sample_path
+    from tests.dicom_checks import dicom_files, with_uids_restored
+
+    folder = with_uids_restored(sample_path("ct-dicom-series"), tmp_path / "series")  # the sample's are blank
+    paths = dicom_files(folder)
+    header = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    assert header.file_meta.TransferSyntaxUID.is_compressed
+    study, series = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)
+    assert orthanc.upload(paths) == len(paths)
+    local = read_image(folder)
+    by_reference = _reference_request(orthanc.dicomweb_url, study, series, estimate_request(local))
+    by_voxels = estimate_request(local)
+    stub = pb_grpc.LabelEstimationStub(channel(stack.grpc_address))
+    fetched, expected = stub.Estimate(by_reference, timeout=60), stub.Estimate(by_voxels, timeout=60)
+    assert list(fetched.grid.shape_xyz) == list(local.shape_xyz)
+    assert [lesion.mask for lesion in fetched.lesions] == [lesion.mask for lesion in expected.lesions]

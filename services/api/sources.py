@@ -407,7 +407,10 @@ def _fetch(url: str, timeout_s: float) -> tuple[str, bytearray]:
     """GET ``url`` (Content-Type, body), the body read in chunks with the deadline checked between
     them and at most ``MAX_UPLOAD_BYTES + 1`` kept; a timeout once the deadline passed is the
     deadline's, not the server's."""
-    request = urllib.request.Request(url, headers={"Accept": 'multipart/related; type="application/dicom"'})
+    # transfer-syntax=*: the instances as stored. Without it Orthanc must transcode to Explicit VR
+    # Little Endian and cannot for JPEG 2000 (HTTP 500); the readers decode every stored syntax.
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    request = urllib.request.Request(url, headers={"Accept": accept})
     body = bytearray()
     try:
         with urllib.request.urlopen(request, timeout=remaining_s(timeout_s)) as response:
