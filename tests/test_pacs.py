@@ -25,11 +25,12 @@ import pydicom
 import pytest
 from dicomweb_client import DICOMwebClient
 
+from services.cade.dicom_outputs import sphere_label_map
 from services.core.errors import InputError
 from services.inference.export import register_onnx_model
 from services.pacs.client import PacsClient
 from services.pacs.prompts import read_prompts
-from services.pacs.run import PacsRunRequest, run_pacs, sphere_label_map
+from services.pacs.run import PacsRunRequest, run_pacs
 from services.servers.orthanc import LocalOrthanc
 from tests.conftest import run_cli
 from tests.test_detect_cli import CARD, CT_SPHERES, blob_scorer_onnx, synthetic_ct

@@ -37,11 +37,11 @@ from services.api.pb import common_pb2, image_pb2
 from services.api.pb import detection_pb2 as dpb
 from services.api.pb import label_estimation_pb2 as lpb
 from services.cade.candidates import DetectionCandidate
+from services.cade.dicom_outputs import sphere_label_map
 from services.core.errors import InputError
 from services.core.io import read_image, write_image
 from services.core.lesion_prompt import LesionPrompt
 from services.inference.export import register_onnx_model
-from services.pacs.run import sphere_label_map
 from services.servers import dicom_outputs
 from services.servers.orthanc import LocalOrthanc
 from tests.dicom_checks import (

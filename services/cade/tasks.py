@@ -48,6 +48,8 @@ class CadeTask:
     default_threshold: float
     default_fp_rate: float
     description: str
+    #: The finding its candidates are (SEG segment type; ``services.core.io.dicom_seg`` codes it).
+    lesion_type: str
 
     @property
     def model_name(self) -> str:
@@ -74,6 +76,7 @@ CHEST_CT_NODULE = CadeTask(
     default_threshold=0.5,
     default_fp_rate=4.0,
     description="lung nodules on chest CT (3D, trained on sphere labels from centre + diameter)",
+    lesion_type="nodule",
 )
 
 CXR_MASS = CadeTask(
@@ -89,6 +92,7 @@ CXR_MASS = CadeTask(
     default_threshold=0.5,
     default_fp_rate=1.0,
     description="masses on chest radiographs (2D, normalised frame, trained on circle labels)",
+    lesion_type="mass",
 )
 
 TASKS: dict[str, CadeTask] = {t.name: t for t in (CHEST_CT_NODULE, CXR_MASS)}

@@ -21,7 +21,6 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pydicom
 
 from services.cade.cutoff import Cutoff
@@ -36,8 +35,6 @@ log = logging.getLogger("wlcad.pacs")
 LABEL_ESTIMATION = "label-estimation"
 #: What ``--task`` accepts: every CADe task, and label estimation (which needs prompts).
 PACS_TASKS = (*TASKS, LABEL_ESTIMATION)
-#: The finding a detection task's SEG segments are coded as (the SR codes it from the task itself).
-_DETECTION_LESION_TYPES = {"chest-ct-nodule": "nodule", "cxr-mass": "mass"}
 
 
 @dataclass(frozen=True)
@@ -119,30 +116,6 @@ class _Outcome:
 # -- capabilities ---------------------------------------------------------------------------------
 
 
-def sphere_label_map(image: Volume, candidates) -> np.ndarray:
-    """Each candidate's equivalent sphere (label = rank) on ``image``'s grid, at least its centre voxel;
-    where two overlap the stronger (lower rank) keeps the voxel. Built box by box, never a world grid
-    of the whole image (a 512×512×300 CT would need gigabytes)."""
-    shape = image.array.shape
-    labels = np.zeros(shape, dtype=np.uint8 if len(candidates) < 256 else np.uint16)
-    spacing = np.asarray(image.spacing, dtype=np.float64)
-    for rank, cand in enumerate(candidates, start=1):
-        radius_mm = cand.diameter_mm / 2.0
-        centre = np.asarray(cand.center_voxel, dtype=int)  # (i, j, k)
-        reach = np.ceil(radius_mm / spacing).astype(int) + 1
-        low = np.maximum(centre - reach, 0)
-        high = np.minimum(centre + reach + 1, (shape[2], shape[1], shape[0]))
-        kk, jj, ii = np.mgrid[low[2] : high[2], low[1] : high[1], low[0] : high[0]]
-        world = image.index_to_world(np.stack([ii, jj, kk], axis=-1).astype(np.float64))
-        inside = np.linalg.norm(world - np.asarray(cand.center_mm), axis=-1) <= radius_mm
-        box = labels[low[2] : high[2], low[1] : high[1], low[0] : high[0]]
-        box[inside & (box == 0)] = rank
-        i, j, k = (int(v) for v in np.clip(centre, 0, np.array([shape[2], shape[1], shape[0]]) - 1))
-        if labels[k, j, i] == 0:
-            labels[k, j, i] = rank
-    return labels
-
-
 def _open_model(request: PacsRunRequest, stack: ExitStack):
     """The task's model, opened before the fetch (a missing model costs no transfer); ``None`` for a
     label-estimation method without one. Closed when ``stack`` closes."""
@@ -166,24 +139,14 @@ def _detect(request: PacsRunRequest, model, image: Volume, folder: Path) -> _Out
     """CADe: the SR of every candidate (an empty one when none) and, on a 3D image with candidates,
     a SEG of their spheres."""
     from services.cade.cutoff import detect_at
-    from services.core.io.dicom_seg import SegLesion, seg_bytes
+    from services.cade.dicom_outputs import detection_seg_bytes
     from services.core.io.dicom_sr import detection_sr_bytes
-    from services.core.version import software_version
 
     task = model.task
     kept = detect_at(model, image, Cutoff(request.threshold, request.fp_rate).resolve(model))
     objects = [("sr", detection_sr_bytes(kept, image, folder, model_name=task.model_name))]
     if kept.candidates and task.dims == 3:  # a radiograph has no patient space for a SEG: SR only
-        labels = sphere_label_map(image, kept.candidates)
-        lesions = [
-            SegLesion(
-                rank, f"cade {task.name}", kept.model_version, _DETECTION_LESION_TYPES.get(task.name, "")
-            )
-            for rank in range(1, len(kept.candidates) + 1)
-            if (labels == rank).any()
-        ]
-        data = seg_bytes(folder, image, labels, lesions, software_version=software_version())
-        objects.insert(0, ("seg", data))
+        objects.insert(0, ("seg", detection_seg_bytes(kept, task, image, folder)))
     return _Outcome(objects, len(kept.candidates), kept.model_version)
 
 

@@ -189,25 +189,15 @@ def _add_outputs(
 ) -> None:
     """The SR of the run and, when asked on a 3D task with candidates, the SEG of their spheres (the
     SEG and the SR of ``wlcad pacs run``; no SEG without a candidate: a SEG needs a segment)."""
-    from services.core.io.dicom_seg import SegLesion, seg_bytes
+    from services.cade.dicom_outputs import detection_seg_bytes
     from services.core.io.dicom_sr import detection_sr_bytes
-    from services.pacs.run import _DETECTION_LESION_TYPES as LESION_TYPES  # one table with pacs run
-    from services.pacs.run import sphere_label_map
 
     task = prepared.task
     with dicom_outputs.remapped(), dicom_outputs.header_folder(headers) as folder:
         if prepared.outputs.sr:
             response.dicom_sr = detection_sr_bytes(result, image, folder, model_name=task.model_name)
         if prepared.outputs.seg and result.candidates:
-            labels = sphere_label_map(image, result.candidates)
-            lesions = [
-                SegLesion(rank, f"cade {task.name}", result.model_version, LESION_TYPES.get(task.name, ""))
-                for rank in range(1, len(result.candidates) + 1)
-                if (labels == rank).any()
-            ]
-            response.dicom_seg = seg_bytes(
-                folder, image, labels, lesions, software_version=software_version()
-            )
+            response.dicom_seg = detection_seg_bytes(result, task, image, folder)
 
 
 def result_to_proto(
