@@ -24,7 +24,6 @@ from training.cade.samples import manifest_cases, phantom_split, working_case, w
 from training.cade.settings import CadeTrainingSettings
 from training.cade.tasks import SPLITS, TASKS, DataSeeds, get_task
 from training.cade.train import (
-    LESION_WEIGHT_VOXELS,
     MAX_LESION_WEIGHT,
     PatchSampler,
     fit,
@@ -155,13 +154,13 @@ def test_a_small_lesion_weighs_in_the_loss_like_a_large_one() -> None:
     labels[0, 0, 2:4, 2:4, 2:4] = 1  # 8 voxels: capped weight
     labels[0, 0, 10:30, 10:30, 10:30] = 1  # 8000 voxels: weight 1
     labels[1, 0, 5:10, 5:10, 5:10] = 1  # 125 voxels: 500 / 125 = 4
-    weights = lesion_weights(labels)
+    weights = lesion_weights(labels, 500)
     assert weights.shape == labels.shape
     assert float(weights[0, 0, 0, 0, 0]) == 1.0  # background
     assert float(weights[0, 0, 2, 2, 2]) == MAX_LESION_WEIGHT
     assert float(weights[0, 0, 20, 20, 20]) == 1.0
-    assert float(weights[1, 0, 7, 7, 7]) == pytest.approx(LESION_WEIGHT_VOXELS / 125)
-    assert float(weights[1][labels[1] > 0].sum()) == pytest.approx(LESION_WEIGHT_VOXELS)
+    assert float(weights[1, 0, 7, 7, 7]) == pytest.approx(500 / 125)
+    assert float(weights[1][labels[1] > 0].sum()) == pytest.approx(500)
 
 
 @pytest.mark.parametrize(

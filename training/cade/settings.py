@@ -40,6 +40,8 @@ class CadeTrainingSettings:
     patch: tuple[int, ...] | None = None
     #: "instance" (statistics of each tile) or "batch" (running statistics, fixed at export).
     norm: str = "instance"
+    #: > 0: every lesion weighs in the BCE as if it had at least this many voxels (0: plain BCE).
+    lesion_weight_voxels: int = 0
     threads: int = 2
     device: str = "cpu"
     #: Where the model is registered; None → ``out/model_repository`` (never the shipped one by default).
@@ -56,6 +58,8 @@ class CadeTrainingSettings:
                 raise InputError(f"must be ≥ 0, got {getattr(self, name)}", field=name)
         if self.train_manifest is not None and not Path(self.train_manifest).is_file():
             raise InputError(f"{self.train_manifest} does not exist", field="train_manifest")
+        if self.lesion_weight_voxels < 0:
+            raise InputError(f"must be ≥ 0, got {self.lesion_weight_voxels}", field="lesion_weight_voxels")
         if self.target not in TARGETS:
             raise InputError(f"choose from {', '.join(TARGETS)}, got {self.target!r}", field="target")
         if not self.learning_rate > 0:
@@ -75,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, required=True, help="folder for phantoms, model.onnx, training.json"
     )
     parser.add_argument("--cases", type=int, default=40, help="training phantom cases (default 40)")
+    parser.add_argument(
+        "--lesion-weight-voxels",
+        type=int,
+        default=0,
+        help="weigh each lesion in the BCE as if it had at least N voxels (default 0: plain BCE)",
+    )
     parser.add_argument(
         "--train-manifest",
         type=Path,
@@ -131,6 +141,7 @@ def settings_from_args(args: argparse.Namespace, command: str = "") -> CadeTrain
         channels=tuple(args.channels),
         patch=tuple(args.patch) if args.patch else None,
         norm=args.norm,
+        lesion_weight_voxels=args.lesion_weight_voxels,
         threads=args.threads,
         device=args.device,
         repository=args.repository,
