@@ -36,6 +36,7 @@ from services.api.multipart import split_parts
 from services.api.pb import image_pb2
 from services.core.errors import InputError
 from services.core.io import read_image
+from services.core.uids import check_uid
 from services.core.volume import Volume
 from services.core.work_budget import DeadlineExceededError, RequestCancelledError, checkpoint, remaining_s
 
@@ -43,7 +44,6 @@ log = logging.getLogger("wlcad.serving")
 
 #: Suffix → what the file is; the service names its copy ``image<suffix>``.
 FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm", ".zip")
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 #: Errors that end a request's work: never turned into "unreadable input".
 _STOPPED = (RequestCancelledError, DeadlineExceededError)
 #: DICOM Part 10: a 128-byte preamble, "DICM", then the file meta group (0002,xxxx) in explicit
@@ -446,9 +446,7 @@ def volume_from_dicomweb(
             field=f"{field}.base_url",
         )
     for name in ("study_instance_uid", "series_instance_uid"):
-        uid = getattr(reference, name)
-        if not (0 < len(uid) <= 64 and _UID.match(uid)):
-            raise InputError("must be a DICOM UID (digits and dots, ≤ 64)", field=f"{field}.{name}")
+        check_uid(getattr(reference, name), f"{field}.{name}")
     url = f"{base}/studies/{reference.study_instance_uid}/series/{reference.series_instance_uid}"
     content_type, body = _fetch(url, timeout_s)
     if len(body) > limits.MAX_UPLOAD_BYTES:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from services.core.errors import InputError
+from services.core.uids import check_uid
 
 __all__ = [
     "CircusDbClient",
@@ -64,7 +65,6 @@ PIXEL_FORMATS: dict[str, np.dtype] = {
     "int16": np.dtype("<i2"),
 }
 _CASE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
 REVISION_FIELDS = ("description", "attributes", "status", "series")
 
@@ -110,12 +110,6 @@ def check_case_id(case_id: str) -> str:
     if not isinstance(case_id, str) or not _CASE_ID.match(case_id):
         raise InputError("must be 1-64 letters, digits, '_' or '-' (a CIRCUS case id)", field="case_id")
     return case_id
-
-
-def check_series_uid(uid: Any) -> str:
-    if not isinstance(uid, str) or len(uid) > 64 or not _UID.match(uid):
-        raise InputError("is not a DICOM UID (digits and dots, ≤ 64 characters)", field="seriesUid")
-    return uid
 
 
 def _short(body: bytes) -> str:
@@ -177,7 +171,7 @@ class CircusDbClient:
         return case
 
     def series_metadata(self, series_uid: str, partial: Mapping[str, int] | None = None) -> SeriesMetadata:
-        url = f"{self.rs_url}/series/{check_series_uid(series_uid)}/metadata{_partial_query(partial)}"
+        url = f"{self.rs_url}/series/{check_uid(series_uid, 'seriesUid')}/metadata{_partial_query(partial)}"
         meta = self._json("GET", url)
         if not isinstance(meta, dict):
             raise CircusUnavailableError("the metadata answer is not an object")
@@ -213,7 +207,7 @@ class CircusDbClient:
         self, series_uid: str, metadata: SeriesMetadata, partial: Mapping[str, int] | None = None
     ) -> np.ndarray:
         """The voxels as an array (z, y, x) of the metadata's pixel format; exactly that many bytes."""
-        url = f"{self.rs_url}/series/{check_series_uid(series_uid)}/volume{_partial_query(partial)}"
+        url = f"{self.rs_url}/series/{check_uid(series_uid, 'seriesUid')}/volume{_partial_query(partial)}"
         expected = metadata.volume_bytes
         body = self._request("GET", url, limit=expected, accept="application/octet-stream")
         if len(body) != expected:
@@ -245,7 +239,7 @@ class CircusDbClient:
                 field="revision",
             )
         for entry in revision["series"]:
-            check_series_uid(entry.get("seriesUid"))
+            check_uid(entry.get("seriesUid"), "seriesUid")
             for label in entry.get("labels", []):
                 voxels = label.get("data", {}).get("voxels") if label.get("type") == "voxel" else None
                 if voxels is not None and not _SHA1.match(str(voxels)):

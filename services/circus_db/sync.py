@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from services.circus_db.client import CircusDbClient, check_series_uid
+from services.circus_db.client import CircusDbClient
 from services.circus_db.labels import SkippedLabel, weak_labels
 from services.core.errors import InputError
+from services.core.uids import check_uid
 from services.core.version import software_version
 from services.core.volume import Volume
 from services.label_estimation.circus_label import circus_voxel_label
@@ -122,7 +123,7 @@ def sync_case(
     for index, entry in enumerate(latest["series"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("labels"), list):
             raise InputError("needs seriesUid and a labels list", field=f"series[{index}]")
-        uid = check_series_uid(entry.get("seriesUid"))
+        uid = check_uid(entry.get("seriesUid"), "seriesUid")
         readers = [label for label in entry["labels"] if not _is_wlcad(label)]
         replaced = len(entry["labels"]) - len(readers)
         partial = entry.get("partialVolumeDescriptor")

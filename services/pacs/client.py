@@ -19,7 +19,6 @@ media types); this module adds what a clinical caller needs around it:
 from __future__ import annotations
 
 import logging
-import re
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -32,12 +31,12 @@ import requests
 
 from services.api import limits
 from services.core.errors import InputError
+from services.core.uids import check_uid
 from services.core.work_budget import checkpoint
 
 log = logging.getLogger("wlcad.pacs")
 logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 #: Instance-level attributes the size check asks QIDO-RS for.
 _SIZE_FIELDS = ("Rows", "Columns", "NumberOfFrames", "BitsAllocated", "SamplesPerPixel")
 #: DICOM JSON tags of those attributes (QIDO-RS answers are keyed by tag).
@@ -56,13 +55,6 @@ _TAGS = {
 
 class PacsUnavailableError(ConnectionError):
     """The DICOMweb server could not be reached, timed out, or refused for a reason not the caller's."""
-
-
-def check_uid(value: str, field: str) -> str:
-    """A DICOM UID (digits and dots, at most 64 characters), else :class:`InputError` naming ``field``."""
-    if not isinstance(value, str) or not (0 < len(value) <= 64 and _UID.match(value)):
-        raise InputError("must be a DICOM UID (digits and dots, at most 64)", field=field)
-    return value
 
 
 def check_url(url: str, field: str = "url") -> str:

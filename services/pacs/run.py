@@ -26,8 +26,9 @@ import pydicom
 from services.cade.cutoff import Cutoff
 from services.cade.tasks import TASKS
 from services.core.errors import InputError
+from services.core.uids import check_uid
 from services.core.volume import Volume
-from services.pacs.client import PacsClient, check_uid
+from services.pacs.client import PacsClient
 from services.pacs.prompts import PromptSpec
 
 log = logging.getLogger("wlcad.pacs")
