@@ -29,20 +29,8 @@ from tests.dicom_checks import (
     dciodvfy_errors,
     dicom_files,
     needs_dciodvfy,
-    phantom_series_with_secrets,
     source_uids,
-    with_uids_restored,
 )
-
-
-@pytest.fixture(scope="module")
-def phantom_series(tmp_path_factory) -> Path:
-    return phantom_series_with_secrets(tmp_path_factory.mktemp("phantom"))
-
-
-@pytest.fixture(scope="module")
-def ct_series(sample, tmp_path_factory) -> Path:
-    return with_uids_restored(sample("ct-dicom-series"), tmp_path_factory.mktemp("ct") / "series")
 
 
 def _estimate(series: Path, out: Path, voxel: str, *extra: str, method: str = "sphere"):

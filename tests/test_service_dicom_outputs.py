@@ -50,7 +50,6 @@ from tests.dicom_checks import (
     needs_dciodvfy,
     seg_on_grid,
     source_uids,
-    with_uids_restored,
 )
 from tests.serving_support import Process, free_port, wait_serving
 from tests.test_detect_cli import CARD, blob_scorer_onnx
@@ -59,11 +58,6 @@ pytestmark = [pytest.mark.timeout(600), needs_dciodvfy]
 CT = "chest-ct-nodule"
 SEG, SR = common_pb2.DICOM_SEG, common_pb2.DICOM_SR
 THRESHOLD = 0.9
-
-
-@pytest.fixture(scope="module")
-def ct_series(sample, tmp_path_factory) -> Path:
-    return with_uids_restored(sample("ct-dicom-series"), tmp_path_factory.mktemp("ct") / "series")
 
 
 @pytest.fixture(scope="module")
