@@ -186,7 +186,7 @@ def _external_data_file(path: Path) -> str | None:
     with path.open("rb") as handle:
         text = handle.read(_TEXT_HEADER_BYTES).decode("latin-1")
     name = path.name.lower()
-    if name.endswith((".nrrd", ".nhdr")):
+    if name.endswith(".nrrd"):
         for line in text.split("\n\n", 1)[0].splitlines()[1:]:
             key, _, value = line.partition(":")
             if key.strip().lower() in _NRRD_DATA_FILE_KEYS:
