@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import torch
 from torch import nn
@@ -46,7 +47,9 @@ def export_log_density(module: nn.Module, spatial: tuple[int, ...], output_names
     """ONNX bytes, dynamic batch axis, fixed spatial shape, opset 17 (as :mod:`training.onnx_export`)."""
     buffer = io.BytesIO()
     axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in output_names}}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Shapes and the actnorm flag are constants of the exported graph (fixed spatial size): intended.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             module.eval(),
             (torch.full((1, 1, *spatial), 0.5),),
