@@ -9,6 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.anomaly.calibration import Calibration
 from services.anomaly.preprocess import model_input, normalised
@@ -175,3 +177,42 @@ def test_constant_input_to_the_raw_model_is_finite(tiny_repository):
     for value in (0.5 / 256, 0.5, 255.5 / 256):
         (log_px,) = session.run(None, {"image": np.full((1, 1, 64, 64), value, np.float32)})
         assert np.all(np.isfinite(log_px))
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(6, 48),
+    cols=st.integers(6, 48),
+    scale=st.sampled_from([1e-6, 1.0, 4095.0, 1e30]),
+    seed=st.integers(0, 2**16),
+    special=st.sampled_from(["none", "nan", "inf", "constant", "one-hot"]),
+)
+def test_every_input_is_a_finite_score_or_an_input_error(tiny_repository, rows, cols, scale, seed, special):
+    root, _ = tiny_repository
+    session = _session(root)
+    array = (np.random.default_rng(seed).random((1, rows, cols)) * scale).astype(np.float32)
+    if special == "nan":
+        array.flat[seed % array.size] = np.nan
+    elif special == "inf":
+        array.flat[seed % array.size] = -np.inf
+    elif special == "constant":
+        array[:] = scale
+    elif special == "one-hot":
+        array[:] = 0.0
+        array.flat[seed % array.size] = scale
+    try:
+        x = model_input(array, CXR)
+    except InputError as exc:
+        assert exc.field == "image"
+        return
+    (log_px,) = session.run(None, {"image": x})
+    assert np.all(np.isfinite(scores_from_outputs("glow", {"log_px": log_px}, CXR)))
+
+
+_SESSIONS: dict = {}
+
+
+def _session(root):
+    if root not in _SESSIONS:
+        _SESSIONS[root] = ort.InferenceSession(str(root / CXR.model_name("glow") / "1" / "model.onnx"))
+    return _SESSIONS[root]
