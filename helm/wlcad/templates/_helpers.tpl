@@ -120,7 +120,3 @@ readinessProbe:
 {{- printf "%s-%s.%s.svc.%s" $root.Release.Name (index . 1) $root.Release.Namespace $root.Values.clusterDomain -}}
 {{- end -}}
 
-{{- /* The capabilities' gRPC service names as a Python list literal (for the helm test pod). */ -}}
-{{- define "wlcad.grpcServices" -}}
-[{{- range $name, $service := .Values.capabilities }}"{{ $service.grpcService }}", {{ end -}}]
-{{- end -}}
