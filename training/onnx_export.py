@@ -10,10 +10,11 @@ import torch
 from services.label_estimation.unet import INPUT_NAME, OUTPUT_NAME
 
 
-def export_onnx(network: torch.nn.Module, spatial_shape: tuple[int, ...]) -> bytes:
-    """ONNX bytes: input ``image`` (batch, 1, *spatial_shape) float32, output ``logits`` of the same shape."""
+def export_onnx(network: torch.nn.Module, spatial_shape: tuple[int, ...], channels: int = 1) -> bytes:
+    """ONNX bytes: input ``image`` (batch, ``channels``, *spatial_shape) float32, output ``logits``
+    (a heatmap network's: (batch, 1, *spatial_shape); a classifier's: (batch, 1))."""
     network = network.eval().cpu()
-    example = torch.zeros(1, 1, *spatial_shape)
+    example = torch.zeros(1, channels, *spatial_shape)
     buffer = io.BytesIO()
     torch.onnx.export(
         network,

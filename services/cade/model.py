@@ -10,6 +10,12 @@ A model with fixed spatial dims sets the tile (it can run nothing else); one wit
 the task's own tile. Its input must be one channel of the task's dimensionality, else the model is
 not this task's and the task is :class:`~services.cade.tasks.TaskNotAvailableError`.
 
+Two stages: when the task has a second stage (``DetectorSpec.rerank``) and the repository holds its
+classifier ``cade_<task>_fpr``, the classifier scores the candidates and *its* card's operating points
+apply (the confidences are its own). Its card names the U-Net version it was trained behind
+(``first_stage_model``); a repository serving another U-Net version is refused, never mixed silently.
+Without the classifier the task runs its U-Net alone, as before.
+
 Operating points: the model card's version entry may hold ``"operating_points": {"1": 0.62, "2":
 0.48, "4": 0.31}`` (FP per case → confidence threshold, what ``wlcad evaluate cade`` measures) or the
 list form ``[{"max_fp_per_case": 1.0, "threshold": 0.62}, …]`` of its ``froc.json``.
@@ -25,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from services.cade.pipeline import Detector, DetectorSpec
+from services.cade.reranking import Reranker
 from services.cade.tasks import CadeTask, TaskNotAvailableError
 from services.cade.tiling import InferFunction
 from services.core.errors import InputError
@@ -39,6 +46,8 @@ __all__ = ["CadeModel", "parse_operating_points"]
 
 #: The output a CADe model's logits are read from when it has several.
 OUTPUT_NAME = "logits"
+#: The second-stage classifier of ``cade_<task>`` is ``cade_<task>_fpr``.
+CLASSIFIER_SUFFIX = "_fpr"
 
 
 def parse_operating_points(value: Any, where: str) -> dict[float, float]:
@@ -130,11 +139,20 @@ class CadeModel:
         signature = models.signature(name)
         self.task = task
         self.name = name
-        self.version = f"{name}/{versions[-1]}"
+        self.unet_version = f"{name}/{versions[-1]}"
         self._input = _single_input(signature, name).name
         self._output = _logits_output(signature, name)
         self.spec = _bound_spec(task, signature, _single_input(signature, name))
         self.operating_points = self._read_operating_points(models.model_dir(name), versions[-1])
+        self.classifier: _Classifier | None = None
+        if task.spec.rerank is not None and name + CLASSIFIER_SUFFIX in models.model_names():
+            self.classifier = _Classifier.bind(models, name + CLASSIFIER_SUFFIX, self.unet_version, task)
+            self.operating_points = self._read_operating_points(
+                models.model_dir(self.classifier.name), self.classifier.number
+            )
+        self.version = (
+            self.unet_version if self.classifier is None else f"{self.unet_version}+{self.classifier.version}"
+        )
         self._backend = BlockingBackend(lambda: backend_from_setting(setting, repository))
         self._timeout_s = timeout_s
 
@@ -167,22 +185,37 @@ class CadeModel:
             return self.operating_points[self.task.default_fp_rate]
         return self.task.default_threshold
 
-    @property
-    def infer(self) -> InferFunction:
+    def _infer_on(self, name: str, input_name: str, output_name: str) -> InferFunction:
         def run(batch: np.ndarray) -> np.ndarray:
             # Read here, in the request's thread: the budget is a per-thread context variable and
             # the backend runs on its own loop thread.
             timeout_s = remaining_s(self._timeout_s)
-            return self._backend.infer(self.name, {self._input: batch}, [self._output], timeout_s=timeout_s)[
-                self._output
+            return self._backend.infer(name, {input_name: batch}, [output_name], timeout_s=timeout_s)[
+                output_name
             ]
 
         return run
 
+    @property
+    def infer(self) -> InferFunction:
+        return self._infer_on(self.name, self._input, self._output)
+
     def detector(self, floor: float | None = None) -> Detector:
-        """The task's detector on this model; ``floor`` lowers (or raises) the least confidence kept."""
-        spec = self.spec if floor is None else dataclasses.replace(self.spec, floor=floor)
-        return Detector(spec, self.infer, self.version)
+        """The task's detector on this model; ``floor`` lowers (or raises) the least confidence kept
+        (the classifier's, for a two-stage detector)."""
+        spec = self.spec if floor is None or self.classifier else dataclasses.replace(self.spec, floor=floor)
+        reranker = None
+        if self.classifier is not None:
+            assert spec.rerank is not None
+            rerank = dataclasses.replace(
+                spec.rerank,
+                max_batch=min(spec.rerank.max_batch, self.classifier.max_batch),
+                floor=spec.rerank.floor if floor is None else floor,
+            )
+            spec = dataclasses.replace(spec, rerank=rerank)
+            classify = self._infer_on(self.classifier.name, self.classifier.input, self.classifier.output)
+            reranker = Reranker(rerank, classify, self.classifier.version)
+        return Detector(spec, self.infer, self.unet_version, reranker)
 
     def close(self) -> None:
         self._backend.close()
@@ -192,3 +225,50 @@ class CadeModel:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Classifier:
+    """The second-stage classifier ``cade_<task>_fpr`` as the repository holds it."""
+
+    name: str
+    number: int
+    input: str
+    output: str
+    max_batch: int
+
+    @property
+    def version(self) -> str:
+        return f"{self.name}/{self.number}"
+
+    @staticmethod
+    def bind(models: ModelRepository, name: str, unet_version: str, task: CadeTask) -> _Classifier:
+        """Check ``name`` fits the task (input (n, 2, s, s, s), s = the task's VOI) and was trained behind
+        ``unet_version``; raises :class:`TaskNotAvailableError` otherwise."""
+        versions = models.versions(name)
+        if not versions:
+            raise TaskNotAvailableError(f"model {name!r} has no <version>/model.onnx")
+        signature = models.signature(name)
+        tensor = _single_input(signature, name)
+        assert task.spec.rerank is not None
+        voi = task.spec.rerank.voi_voxels
+        dims = list(tensor.dims) if signature.batches else list(tensor.dims)[1:]
+        if dims != [2, voi, voi, voi]:
+            raise TaskNotAvailableError(
+                f"model {name!r} takes {list(tensor.dims)}, not (batch, 2, {voi}, {voi}, {voi}) as {task.name}'s "
+                "second stage needs"
+            )
+        model_dir = models.model_dir(name)
+        entry = (
+            ModelCard.read(model_dir).versions.get(str(versions[-1]))
+            if (model_dir / CARD_FILE).is_file()
+            else None
+        )
+        trained_behind = entry.extra.get("first_stage_model") if entry is not None else None
+        if trained_behind != unet_version:
+            raise TaskNotAvailableError(
+                f"model {name}/{versions[-1]} was trained behind {trained_behind or 'an unrecorded U-Net'}, "
+                f"but the repository serves {unet_version}; retrain it (python -m training.cade.fpr)"
+            )
+        max_batch = signature.max_batch_size if signature.batches else task.spec.rerank.max_batch
+        return _Classifier(name, versions[-1], tensor.name, _logits_output(signature, name), max_batch)

@@ -4,7 +4,9 @@
 dimensionality, finite voxels, a size it can tile), moves it to the task's working frame and
 intensity scale (:mod:`services.cade.preprocess`), runs the network over the whole image
 (:mod:`services.cade.tiling`), turns the probability map into candidates
-(:mod:`services.cade.candidates`) and reports them on the **original** image: world LPS mm and that
+(:mod:`services.cade.candidates`) — or, for a two-stage task whose classifier is present, proposes
+candidates from the map and from blobs and lets the classifier score them
+(:mod:`services.cade.reranking`) — and reports them on the **original** image: world LPS mm and that
 image's voxel indices. An image without lesions gives a valid, empty candidate list; a failure is
 always an exception, never an empty list.
 """
@@ -18,6 +20,7 @@ from scipy.special import expit
 
 from services.cade.candidates import DetectionCandidate, find_candidates
 from services.cade.preprocess import Intensity, WorkingFrame, to_working
+from services.cade.reranking import Reranker, RerankSpec
 from services.cade.tiling import InferFunction, TilingSpec, check_image, sliding_window
 from services.core.errors import InputError
 from services.core.volume import Volume
@@ -33,7 +36,8 @@ class DetectorSpec:
 
     ``nms_radius_mm``: candidates closer than this keep the stronger (for a 2D detector in the
     normalised frame, give it in working pixels times the working spacing: see :meth:`nms_radius_for`);
-    ``floor``: the least confidence reported (the operating point is chosen later, on these).
+    ``floor``: the least confidence reported (the operating point is chosen later, on these);
+    ``rerank``: the false-positive-reduction stage, used when the task's classifier is in the repository.
     """
 
     task: str
@@ -44,6 +48,7 @@ class DetectorSpec:
     nms_radius_mm: float | None = None
     nms_radius_pixels: float | None = None
     max_candidates: int = 100
+    rerank: RerankSpec | None = None
 
     def __post_init__(self) -> None:
         if not self.task:
@@ -90,12 +95,24 @@ class DetectionResult:
 
 
 class Detector:
-    """A task's detector bound to a network: ``infer`` runs one batch of tiles (see :mod:`tiling`)."""
+    """A task's detector bound to a network: ``infer`` runs one batch of tiles (see :mod:`tiling`);
+    ``reranker``, when given, is the second stage (its spec must be the task's ``rerank``)."""
 
-    def __init__(self, spec: DetectorSpec, infer: InferFunction, model_version: str) -> None:
+    def __init__(
+        self, spec: DetectorSpec, infer: InferFunction, model_version: str, reranker: Reranker | None = None
+    ) -> None:
+        if reranker is not None and spec.rerank is None:
+            raise InputError(f"{spec.task} has no second stage to bind a classifier to", field="model")
         self.spec = spec
         self._infer = infer
-        self.model_version = model_version
+        self._reranker = reranker
+        self.model_version = (
+            model_version if reranker is None else f"{model_version}+{reranker.model_version}"
+        )
+
+    @property
+    def two_stage(self) -> bool:
+        return self._reranker is not None
 
     def _check_input(self, image: Volume) -> None:
         """Dimensionality and finite voxels on the original image, where the caller can see them."""
@@ -115,18 +132,32 @@ class Detector:
         if bad:
             raise InputError(f"holds {bad} non-finite voxels", field="image")
 
-    def probability(self, image: Volume) -> Volume:
-        """The detector's probability map on its working grid (for overlays and debugging)."""
+    def working_and_probability(self, image: Volume) -> tuple[Volume, Volume]:
+        """The image on the working grid and the network's probability map there."""
         self._check_input(image)
         checkpoint("detection preprocessing")
         working = to_working(image, self.spec.frame, self.spec.intensity)
         check_image(working.array, self.spec.tiling)  # too small to tile → InputError on "image"
         logits = sliding_window(working.array, self._infer, self.spec.tiling)
-        return working.with_array(expit(logits).astype(np.float32))
+        return working, working.with_array(expit(logits).astype(np.float32))
+
+    def probability(self, image: Volume) -> Volume:
+        """The detector's probability map on its working grid (for overlays and debugging)."""
+        return self.working_and_probability(image)[1]
 
     def detect(self, image: Volume) -> DetectionResult:
-        probability = self.probability(image)
+        working, probability = self.working_and_probability(image)
         checkpoint("detection candidates")
+        if self._reranker is not None:
+            candidates = self._reranker.candidates(
+                working,
+                probability,
+                image.grid,
+                floor=self._reranker.spec.floor,
+                nms_radius_mm=self.spec.nms_radius_for(probability),
+                max_count=self.spec.max_candidates,
+            )
+            return DetectionResult(self.spec.task, self.model_version, tuple(candidates))
         candidates = find_candidates(
             probability.array,
             probability.grid,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from services.cade.pipeline import DetectorSpec
 from services.cade.preprocess import Intensity, WorkingFrame
+from services.cade.reranking import RerankSpec
 from services.cade.tiling import TilingSpec
 from services.core.errors import InputError
 
@@ -72,6 +73,8 @@ CHEST_CT_NODULE = CadeTask(
         ),
         floor=0.1,
         nms_radius_mm=10.0,
+        # Two stages: U-Net candidates + LoG blobs in the lungs, scored by cade_chest-ct-nodule_fpr.
+        rerank=RerankSpec(),
     ),
     default_threshold=0.5,
     default_fp_rate=4.0,

@@ -121,8 +121,13 @@ class CapabilityServicer:
         """Whether the configured inference backend serves the models this service's methods use:
         the service's readiness (its own health name), while liveness ("") stays SERVING so that
         methods needing no model keep working when Triton is down."""
-        models = sorted(
-            {m.model_version.split("/")[0] for m in self.methods() if m.available and m.model_version}
+        models = sorted(  # "cade_x/1+cade_x_fpr/1": a method served by two models needs both
+            {
+                part.split("/")[0]
+                for m in self.methods()
+                if m.available and m.model_version
+                for part in m.model_version.split("+")
+            }
         )
         return BackendProbe(self.settings.inference_setting, self.repository, models)
 

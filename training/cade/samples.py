@@ -75,8 +75,8 @@ def phantom_split(
         cases,
         task.seeds.of(split),
         folder,
-        hybrid_mode=split == "hybrid-test",
-        size_xyz=None if split == "hybrid-test" else size_xyz,
+        hybrid_mode=split.startswith("hybrid"),
+        size_xyz=None if split.startswith("hybrid") else size_xyz,
     )
     marker.write_text(key)
     return folder / "manifest.csv"

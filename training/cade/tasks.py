@@ -18,24 +18,29 @@ from services.cade.tasks import task_named
 from services.cade.tiling import TilingSpec
 from services.core.errors import InputError
 
-Split = Literal["train", "validation", "test", "hybrid-test"]
-SPLITS: tuple[Split, ...] = ("train", "validation", "test", "hybrid-test")
+Split = Literal["train", "validation", "test", "hybrid-test", "hybrid-train"]
+SPLITS: tuple[Split, ...] = ("train", "validation", "test", "hybrid-test", "hybrid-train")
 
 
 @dataclass(frozen=True)
 class DataSeeds:
-    """The phantom seed of each split (``hybrid-test``: lesions inserted into the real sample)."""
+    """The phantom seed of each split (``hybrid-*``: lesions inserted into the real sample).
+
+    ``hybrid_train`` cases teach the false-positive-reduction stage what the real background's vessels
+    and walls look like; they share the one real background with ``hybrid_test`` but never a lesion
+    placement (another seed), so the hybrid test measures unseen lesions, not an unseen patient."""
 
     train: int
     validation: int
     test: int
     hybrid_test: int
+    hybrid_train: int
 
     def of(self, split: Split) -> int:
         return getattr(self, split.replace("-", "_"))
 
     def __post_init__(self) -> None:
-        seeds = [self.train, self.validation, self.test, self.hybrid_test]
+        seeds = [self.train, self.validation, self.test, self.hybrid_test, self.hybrid_train]
         if len(set(seeds)) != len(seeds):
             raise InputError(f"splits must not share a seed, got {seeds}", field="seeds")
 
@@ -85,11 +90,11 @@ class CadeTask:
 TASKS: dict[str, CadeTask] = {
     "chest-ct-nodule": CadeTask(
         serving=task_named("chest-ct-nodule"),
-        seeds=DataSeeds(train=1101, validation=1102, test=1103, hybrid_test=1104),
+        seeds=DataSeeds(train=1101, validation=1102, test=1103, hybrid_test=1104, hybrid_train=1105),
     ),
     "cxr-mass": CadeTask(
         serving=task_named("cxr-mass"),
-        seeds=DataSeeds(train=1201, validation=1202, test=1203, hybrid_test=1204),
+        seeds=DataSeeds(train=1201, validation=1202, test=1203, hybrid_test=1204, hybrid_train=1205),
     ),
 }
 

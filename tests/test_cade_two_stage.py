@@ -1,0 +1,166 @@
+"""The two-stage CT detector: lung blob proposals, candidate VOIs, the classifier stage and how the
+model repository binds it (services/cade/proposals.py, reranking.py, model.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.cade.model import CLASSIFIER_SUFFIX, CadeModel
+from services.cade.pipeline import Detector
+from services.cade.proposals import ProposalSpec, blob_proposals, lung_mask
+from services.cade.reranking import Reranker, RerankSpec, merged_proposals, voi_batch
+from services.cade.tasks import CHEST_CT_NODULE, CXR_MASS, TaskNotAvailableError
+from services.core.errors import InputError
+from services.core.grid import Grid
+from services.inference.factory import default_repository
+
+SPEC = ProposalSpec(max_count=50)
+
+
+def chest(spheres_zyx_r: list[tuple[tuple[int, int, int], float, float]], shape=(48, 64, 96)) -> np.ndarray:
+    """A working-frame chest: air around a body (0.55), two lungs (0.1) that reach both z ends of the
+    volume, and spheres ``(centre, radius voxels, intensity)``."""
+    z, y, x = np.indices(shape)
+    image = np.zeros(shape, np.float32)
+    image[:, 6:-6, 6:-6] = 0.55
+    image[:, 14:-14, 14:44] = 0.1
+    image[:, 14:-14, 52:-14] = 0.1
+    for centre, radius, value in spheres_zyx_r:
+        inside = (z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= radius**2
+        image[inside] = value
+    return image
+
+
+def test_the_lungs_are_the_enclosed_air_not_the_air_around_the_patient():
+    image = chest([])
+    lungs = lung_mask(image, dataclasses.replace(SPEC, lung_margin_voxels=0))
+    assert lungs[24, 32, 30] and lungs[24, 32, 70]  # both lungs
+    assert not lungs[24, 2, 2] and not lungs[24, 32, 48]  # outside air, mediastinum
+    np.testing.assert_array_equal(lungs, image == np.float32(0.1))
+
+
+def test_blobs_in_the_lungs_are_proposed_at_their_centre_and_size_and_blobs_elsewhere_are_not():
+    nodule, body_blob = ((24, 30, 28), 3.5, 0.5), ((24, 10, 48), 3.5, 0.95)
+    image = chest([nodule, body_blob])
+    proposals = blob_proposals(image, SPEC)
+    best = proposals[0]
+    assert np.abs(np.subtract(best.index_zyx, nodule[0])).max() <= 1
+    assert 0.6 * 2 * nodule[1] <= best.diameter_voxels() <= 1.6 * 2 * nodule[1]
+    assert all(np.abs(np.subtract(p.index_zyx, body_blob[0])).max() > 3 for p in proposals)
+    assert [p.response for p in proposals] == sorted((p.response for p in proposals), reverse=True)
+
+
+def test_an_image_without_lungs_gives_no_proposals_and_a_2d_one_is_refused():
+    assert blob_proposals(np.full((20, 30, 30), 0.5, np.float32), SPEC) == []
+    with pytest.raises(InputError) as err:
+        blob_proposals(np.zeros((30, 30), np.float32), SPEC)
+    assert err.value.field == "image"
+
+
+def test_voi_cubes_are_centred_and_zero_outside_the_image():
+    a = np.arange(10 * 12 * 14, dtype=np.float32).reshape(10, 12, 14)
+    cubes = voi_batch((a, -a), np.array([[5, 6, 7], [0, 0, 0]]), 4)
+    assert cubes.shape == (2, 2, 4, 4, 4)
+    np.testing.assert_array_equal(cubes[0, 0], a[3:7, 4:8, 5:9])
+    np.testing.assert_array_equal(cubes[0, 1], -a[3:7, 4:8, 5:9])
+    assert np.all(cubes[1, 0, :2] == 0) and cubes[1, 0, 2, 2, 2] == a[0, 0, 0]
+
+
+def working_volume(array: np.ndarray):
+    return Grid(array.shape, (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), np.eye(3)).with_array(array)
+
+
+def centre_brightness(batch: np.ndarray) -> np.ndarray:
+    """A classifier that calls a cube a nodule by its centre's intensity (brighter than the body's
+    0.55), for the ordering tests."""
+    s = batch.shape[-1] // 2
+    return (20.0 * (batch[:, 0, s, s, s] - 0.7))[:, None]
+
+
+def test_the_classifier_decides_the_order_and_suppression_keeps_the_stronger():
+    image = chest([((24, 30, 28), 3.5, 0.9), ((24, 30, 70), 2.5, 0.75), ((24, 33, 31), 1.5, 0.8)])
+    working = working_volume(image)
+    probability = working.with_array(np.zeros_like(image))  # the U-Net sees nothing
+    rerank = RerankSpec(proposals=SPEC, voi_voxels=16, max_batch=7)
+    reranker = Reranker(rerank, centre_brightness, "test/1")
+    found = reranker.candidates(
+        working, probability, working.grid, floor=0.5, nms_radius_mm=10.0, max_count=10
+    )
+    assert len(found) >= 2
+    first = np.asarray(working.grid.world_to_index(found[0].center_mm))[::-1]
+    assert np.abs(first - (24, 30, 28)).max() <= 1
+    assert [c.confidence for c in found] == sorted((c.confidence for c in found), reverse=True)
+    mm = np.array([c.center_mm for c in found])
+    assert min(np.linalg.norm(a - b) for i, a in enumerate(mm) for b in mm[i + 1 :]) >= 10.0
+    assert all(c.confidence >= 0.5 for c in found)
+
+
+def test_the_u_net_candidates_are_proposed_before_blobs_and_blobs_on_them_are_merged():
+    image = chest([((24, 30, 28), 3.5, 0.5)])
+    working = working_volume(image)
+    z, y, x = np.indices(image.shape)
+    prob = np.exp(-((z - 24) ** 2 + (y - 30) ** 2 + (x - 28) ** 2) / 8.0).astype(np.float32) * 0.8
+    proposals = merged_proposals(working, working.with_array(prob), RerankSpec(proposals=SPEC))
+    assert proposals[0].first_stage == pytest.approx(0.8, abs=0.01)
+    assert np.abs(np.subtract(proposals[0].center_zyx, (24, 30, 28))).max() < 0.5
+    assert all(p.first_stage == 0.0 for p in proposals[1:])
+    assert all(np.linalg.norm(np.subtract(p.center_zyx, (24, 30, 28))) * 1.5 >= 4.0 for p in proposals[1:])
+
+
+def test_a_task_without_a_second_stage_takes_no_classifier():
+    reranker = Reranker(RerankSpec(), centre_brightness, "x/1")
+    with pytest.raises(InputError) as err:
+        Detector(CXR_MASS.spec, centre_brightness, "cade_cxr-mass/1", reranker)
+    assert err.value.field == "model"
+    with pytest.raises(InputError):
+        RerankSpec(voi_voxels=15)
+
+
+# ----------------------------------------------------------------------------- the repository
+SHIPPED = default_repository()
+HAS_CLASSIFIER = (SHIPPED / (CHEST_CT_NODULE.model_name + CLASSIFIER_SUFFIX)).is_dir()
+
+
+def copied_repository(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    for name in (CHEST_CT_NODULE.model_name, CHEST_CT_NODULE.model_name + CLASSIFIER_SUFFIX):
+        shutil.copytree(SHIPPED / name, repo / name)
+    return repo
+
+
+@pytest.mark.skipif(not HAS_CLASSIFIER, reason="the chest CT classifier is not in this repository")
+def test_the_shipped_chest_ct_detector_runs_both_stages_and_uses_the_classifiers_operating_points():
+    with CadeModel(CHEST_CT_NODULE, "embedded", SHIPPED) as model:
+        assert model.version == f"{model.unet_version}+{model.classifier.version}"
+        card = json.loads((SHIPPED / model.classifier.name / "model_card.json").read_text())
+        points = card["versions"][str(model.classifier.number)]["extra"]["operating_points"]
+        assert model.default_threshold() == pytest.approx(points["4"])
+        assert model.detector().two_stage
+
+
+@pytest.mark.skipif(not HAS_CLASSIFIER, reason="the chest CT classifier is not in this repository")
+def test_a_classifier_trained_behind_another_u_net_is_refused(tmp_path):
+    repo = copied_repository(tmp_path)
+    card_path = repo / (CHEST_CT_NODULE.model_name + CLASSIFIER_SUFFIX) / "model_card.json"
+    card = json.loads(card_path.read_text())
+    for entry in card["versions"].values():
+        entry["extra"]["first_stage_model"] = f"{CHEST_CT_NODULE.model_name}/99"
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(TaskNotAvailableError) as err:
+        CadeModel(CHEST_CT_NODULE, "embedded", repo)
+    assert "/99" in err.value.message and "retrain" in err.value.message
+
+
+@pytest.mark.skipif(not HAS_CLASSIFIER, reason="the chest CT classifier is not in this repository")
+def test_without_its_classifier_the_task_runs_the_u_net_alone(tmp_path):
+    repo = copied_repository(tmp_path)
+    shutil.rmtree(repo / (CHEST_CT_NODULE.model_name + CLASSIFIER_SUFFIX))
+    with CadeModel(CHEST_CT_NODULE, "embedded", repo) as model:
+        assert model.classifier is None and "+" not in model.version
+        assert not model.detector().two_stage
