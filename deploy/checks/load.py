@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     token = os.environ.get(args.token_env, "").strip() if args.token_env else ""
+    if not token:
+        print(
+            f"load: no token in ${args.token_env or '(none)'}: a gateway with tokens answers UNAUTHENTICATED",
+            file=sys.stderr,
+        )
     result = run(
         args.target, args.requests, args.concurrency, args.max_seconds, token or None, args.capability
     )
