@@ -96,7 +96,8 @@ def timed_detector(model: CadeModel) -> tuple[Detector, list[float]]:
         calls.append(time.perf_counter() - start)
         return out
 
-    return Detector(model.spec, run, model.version), calls
+    two_stage = model.detector()  # the second stage as served, when the repository has the classifier
+    return Detector(two_stage.spec, run, model.unet_version, two_stage.reranker), calls
 
 
 def detect_file(detector: Detector, calls: list[float], path: Path) -> DetectionTiming:

@@ -111,6 +111,11 @@ class Detector:
         )
 
     @property
+    def reranker(self) -> Reranker | None:
+        """The second stage, when bound."""
+        return self._reranker
+
+    @property
     def two_stage(self) -> bool:
         return self._reranker is not None
 

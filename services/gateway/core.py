@@ -111,11 +111,14 @@ STREAM_WINDOW_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def channel_options() -> list[tuple[str, int]]:
-    """Big messages both ways, quick reconnects so a restarted service is used again in ~1 s, and
-    the fixed stream window (:data:`STREAM_WINDOW_OPTIONS`)."""
+def channel_options() -> list[tuple[str, int | str]]:
+    """Big messages both ways, quick reconnects so a restarted service is used again in ~1 s, the
+    fixed stream window (:data:`STREAM_WINDOW_OPTIONS`) and ``round_robin`` over every address an
+    upstream name resolves to: behind a headless Kubernetes Service (``dns:///…``) each replica gets
+    its share, where gRPC's default ``pick_first`` would pin the gateway to one pod."""
     return [
         *STREAM_WINDOW_OPTIONS,
+        ("grpc.lb_policy_name", "round_robin"),
         ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
         ("grpc.initial_reconnect_backoff_ms", 100),

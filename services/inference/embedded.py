@@ -164,7 +164,12 @@ class EmbeddedBackend(InferenceBackend):
                 session = await asyncio.get_running_loop().run_in_executor(
                     None, lambda: ort.InferenceSession(str(path), options, providers=self.providers)
                 )
-                log.info("embedded: loaded %s from %s on %s", name, path, session.get_providers()[0])
+                running_on = session.get_providers()[0]
+                if self.providers[0] == "CUDAExecutionProvider" and running_on != "CUDAExecutionProvider":
+                    # A GPU image on a node without a usable GPU (driver, CUDA or cuDNN missing): it
+                    # still serves, on the CPU, and says so loudly.
+                    log.error("embedded: %s asked for CUDA but runs on %s (no usable GPU)", name, running_on)
+                log.info("embedded: loaded %s from %s on %s", name, path, running_on)
                 self._models[name] = _EmbeddedModel(signature, session)
         return self._models[name]
 

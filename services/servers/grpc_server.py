@@ -48,10 +48,19 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+#: A client connection is closed (gracefully, after its calls end) this long after it opened, so
+#: round-robin clients re-resolve the service name and reach replicas added by a scale-up.
+MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
+#: Calls still running on an aged connection get this long to finish before it is closed.
+MAX_CONNECTION_AGE_GRACE_MS = 10 * 60 * 1000
+
+
 def grpc_options() -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", limits.MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", limits.MAX_MESSAGE_BYTES),
+        ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+        ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
     ]
 
 

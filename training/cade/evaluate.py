@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from services.cade.pipeline import Detector
+from services.cade.reranking import Reranker
+from services.core.errors import InputError
 from services.core.io import read_image
 from services.evaluation.cade_report import CadeReport, Predictions, evaluate_cade, read_truth, write_report
 from training.cade.samples import manifest_cases, phantom_split
 from training.cade.tasks import CadeTask, Split
 
 
-def onnx_detector(task: CadeTask, onnx: Path, threads: int, model_version: str = "candidate") -> Detector:
-    """The task's detector bound to ``onnx`` on the CPU."""
+def _onnx_infer(onnx: Path, threads: int):
+    """``onnx`` on onnxruntime's CPU provider as an infer function (what the embedded backend runs)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -33,7 +35,21 @@ def onnx_detector(task: CadeTask, onnx: Path, threads: int, model_version: str =
     def infer(batch: np.ndarray) -> np.ndarray:
         return session.run(None, {name: batch})[0]
 
-    return Detector(task.detector_spec(), infer, model_version)
+    return infer
+
+
+def onnx_detector(task: CadeTask, onnx: Path, threads: int, model_version: str = "candidate") -> Detector:
+    """The task's detector bound to ``onnx`` on the CPU (its U-Net alone)."""
+    return Detector(task.detector_spec(), _onnx_infer(onnx, threads), model_version)
+
+
+def two_stage_detector(task: CadeTask, unet: Path, classifier: Path, threads: int) -> Detector:
+    """The served two-stage detector: ``unet`` then the second-stage ``classifier``, on the CPU."""
+    spec = task.detector_spec()
+    if spec.rerank is None:
+        raise InputError(f"{task.name} has no second stage", field="classifier")
+    reranker = Reranker(spec.rerank, _onnx_infer(classifier, threads), "fpr")
+    return Detector(spec, _onnx_infer(unet, threads), task.model_name, reranker)
 
 
 def evaluate_split(task: CadeTask, detector: Detector, manifest: Path, out_dir: Path) -> CadeReport:

@@ -37,11 +37,17 @@ from monai.networks.nets import Classifier
 from tqdm import tqdm
 
 from services.cade.pipeline import Detector
-from services.cade.reranking import Reranker, RerankSpec, merged_proposals, voi_batch
+from services.cade.reranking import RerankSpec, merged_proposals, voi_batch
 from services.core.errors import InputError
 from services.core.io import read_image
 from services.inference.export import register_onnx_model
-from training.cade.evaluate import evaluate_split, onnx_detector, operating_points, report_metrics
+from training.cade.evaluate import (
+    evaluate_split,
+    onnx_detector,
+    operating_points,
+    report_metrics,
+    two_stage_detector,
+)
 from training.cade.samples import CaseRows, manifest_cases, phantom_split
 from training.cade.tasks import CadeTask, Split, get_task
 from training.onnx_export import export_onnx
@@ -230,25 +236,6 @@ def fit(voiset: VoiSet, settings: FprSettings, voi: int) -> tuple[torch.nn.Modul
         schedule.step()
         losses.append(loss.item())
     return network.eval(), losses, time.perf_counter() - started
-
-
-def two_stage_detector(task: CadeTask, unet: Path, classifier: Path, threads: int) -> Detector:
-    """The served two-stage detector on onnxruntime (what the embedded backend runs)."""
-    import onnxruntime as ort
-
-    first = onnx_detector(task, unet, threads, model_version=task.model_name)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(classifier), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-
-    def infer(batch: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: batch})[0]
-
-    spec = task.detector_spec()
-    assert spec.rerank is not None
-    return Detector(spec, first._infer, first.model_version, Reranker(spec.rerank, infer, "fpr"))
 
 
 def evaluate(

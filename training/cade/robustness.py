@@ -10,7 +10,7 @@ the undegraded split:
   radiograph in its own value units), a noise level no training case had.
 
     python -m training.cade.robustness --task chest-ct-nodule --onnx RUN/model.onnx --data RUN/data \\
-        --test-cases 40 --out RUN/robustness
+        --test-cases 40 --out RUN/robustness [--classifier REPO/cade_chest-ct-nodule_fpr/1/model.onnx]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from services.core.io import read_image, write_image
 from services.core.volume import Volume
-from training.cade.evaluate import evaluate_split, onnx_detector, report_metrics
+from training.cade.evaluate import evaluate_split, onnx_detector, report_metrics, two_stage_detector
 from training.cade.samples import phantom_split
 from training.cade.tasks import CadeTask, get_task
 
@@ -95,10 +95,20 @@ class RobustnessRow:
 
 
 def evaluate_robustness(
-    task: CadeTask, onnx: Path, data: Path, test_cases: int, out: Path, threads: int = 2
+    task: CadeTask,
+    onnx: Path,
+    data: Path,
+    test_cases: int,
+    out: Path,
+    threads: int = 2,
+    classifier: Path | None = None,
 ) -> list[RobustnessRow]:
-    """The undegraded test split and each degradation of it, through the served detector."""
-    detector = onnx_detector(task, onnx, threads)
+    """The undegraded test split and each degradation of it, through the served detector (two stages
+    when ``classifier`` is given)."""
+    if classifier is not None:
+        detector = two_stage_detector(task, onnx, classifier, threads)
+    else:
+        detector = onnx_detector(task, onnx, threads)
     manifest = phantom_split(task, "test", test_cases, data)
     rows = [
         RobustnessRow(
@@ -116,13 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="chest-ct-nodule")
     parser.add_argument("--onnx", type=Path, required=True, help="the trained detector (model.onnx)")
+    parser.add_argument(
+        "--classifier", type=Path, default=None, help="the second stage (cade_<task>_fpr model.onnx)"
+    )
     parser.add_argument("--data", type=Path, required=True, help="the run's phantom folder (RUN/data)")
     parser.add_argument("--test-cases", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     task = get_task(args.task)
-    rows = evaluate_robustness(task, args.onnx, args.data, args.test_cases, args.out, args.threads)
+    rows = evaluate_robustness(
+        task, args.onnx, args.data, args.test_cases, args.out, args.threads, args.classifier
+    )
     record = [{"condition": r.condition, **r.metrics} for r in rows]
     (args.out / "robustness.json").write_text(json.dumps(record, indent=2) + "\n")
     print("| condition | CPM [95 % CI] | sens @1 FP | sens @4 FP |")
