@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -67,6 +68,23 @@ def export_matches_torch(onnx_bytes: bytes, flow_modules: list, split: Split, ta
     return worst
 
 
+def lineage(run: Path) -> list[dict]:
+    """The training metadata of ``run`` and of every run it was initialised from, oldest first."""
+    meta = json.loads((Path(run) / "train.json").read_text())
+    parent = lineage(Path(meta["init"]).parent) if meta.get("init") else []
+    return [*parent, meta]
+
+
+def unique_runs(*chains: list[dict]) -> list[dict]:
+    """Runs of several lineages, each once (two flows of a posterior share their ancestor)."""
+    seen, out = set(), []
+    for meta in (m for chain in chains for m in chain):
+        if meta["command"] not in seen:
+            seen.add(meta["command"])
+            out.append(meta)
+    return out
+
+
 def metrics_for(scores: np.ndarray, split: Split) -> dict[str, float]:
     truth = split.abnormal
     ci = bootstrap_auc(scores, truth)
@@ -115,16 +133,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     models: dict[str, tuple[bytes, list, list[dict]]] = {}
     if args.glow:
-        flow, meta = load_flow(args.glow / "flow.pt")
-        models["glow"] = (export_glow(flow, task.spatial), [flow], [meta])
+        flow, _ = load_flow(args.glow / "flow.pt")
+        models["glow"] = (export_glow(flow, task.spatial), [flow], lineage(args.glow))
     if args.mixture and args.normal:
-        mixture, meta_m = load_flow(args.mixture / "flow.pt")
-        normal, meta_n = load_flow(args.normal / "flow.pt")
-        models["two-flow"] = (
-            export_two_flow(mixture, normal, task.spatial),
-            [mixture, normal],
-            [meta_m, meta_n],
-        )
+        mixture, _ = load_flow(args.mixture / "flow.pt")
+        normal, _ = load_flow(args.normal / "flow.pt")
+        runs = unique_runs(lineage(args.mixture), lineage(args.normal))
+        models["two-flow"] = (export_two_flow(mixture, normal, task.spatial), [mixture, normal], runs)
     export_error: dict[str, float] = {}
     for name, (onnx_bytes, flows, _) in models.items():
         export_error[name] = export_matches_torch(onnx_bytes, flows, validation, task)
@@ -190,9 +205,12 @@ def ship(args, task, plan, name, onnx_bytes, metas, scores, validation, results,
         if name == "glow"
         else "two-flow posterior: score = NLL_normal − NLL_mixture in bits/dim (log p(x) − log p(x|normal))"
     )
-    flows = ", ".join(f"{m['data']} flow {m['steps']} steps" for m in metas)
+    flows = "; ".join(
+        f"{m['steps']} steps on {m['data']} ({m['train_cases']} cases{', from the run before' if m['init'] else ''})"
+        for m in metas
+    )
     cfg = load_flow((args.glow if name == "glow" else args.normal) / "flow.pt")[0].config()
-    register_onnx_model(
+    path = register_onnx_model(
         args.repository,
         task.model_name(name),
         onnx_bytes,
@@ -206,12 +224,13 @@ def ship(args, task, plan, name, onnx_bytes, metas, scores, validation, results,
         metrics=metrics,
         description=(
             f"{task.name} anomaly {what}. Glow {cfg}; input 'image' (n,1,{','.join(map(str, task.spatial))}) "
-            f"in [0,1] (services.anomaly.preprocess), outputs log p(x) in nats. Flows: {flows}."
+            f"in [0,1] (services.anomaly.preprocess), outputs log p(x) in nats. Trainings: {flows}."
         ),
         max_batch_size=8,
         instance_kind="KIND_CPU",
         extra={"calibration": calibration.to_json(), "score_units": "bits/dim", "trainings": metas},
     )
+    os.chmod(path, 0o644)  # the registry stages through a private temp file; the repository is shared
     print(f"shipped {task.model_name(name)}")
 
 
