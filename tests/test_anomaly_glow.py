@@ -119,6 +119,26 @@ def test_onnx_export_equals_torch(dims, shape):
     assert got.shape == (3, 1)
     np.testing.assert_allclose(got[:, 0], expected, rtol=1e-5, atol=1e-3)
     assert flow.blocks[0][0].layers[1].frozen is None  # the export froze a copy, not the flow
+    (nll_map,) = session.run(["nll_map"], {"image": x.numpy()})
+    assert nll_map.shape == (3, 1, *shape)
+    np.testing.assert_allclose(nll_map.reshape(3, -1).sum(1), -expected, rtol=1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_nll_map_sums_to_the_nll_and_localises(dims):
+    torch.manual_seed(5)
+    shape = (16, 16) if dims == 2 else (8, 8, 8)
+    x = torch.rand(2, 1, *shape) - 0.5
+    flow = _perturbed(Glow(dims, levels=3, steps=1, hidden=8), x)
+    with torch.no_grad():
+        nll_map = flow.nll_map(x)
+        np.testing.assert_allclose(nll_map.reshape(2, -1).sum(1), -flow.log_prob(x), rtol=1e-5)
+        changed = x.clone()
+        changed[(0, 0, *(slice(0, 2),) * dims)] += 3.0  # one corner block far off the data
+        delta = (flow.nll_map(changed) - nll_map)[0, 0]
+    corner = delta[(slice(0, 4),) * dims].abs().sum()
+    opposite = delta[(slice(-4, None),) * dims].abs().sum()
+    assert corner > 10 * opposite  # the excess NLL sits where the image changed
 
 
 def test_two_flow_export_returns_both_densities():
@@ -127,7 +147,10 @@ def test_two_flow_export_returns_both_densities():
     a = _perturbed(Glow(2, levels=2, steps=1, hidden=8), x - 0.5, seed=1)
     b = _perturbed(Glow(2, levels=2, steps=1, hidden=8), x - 0.5, seed=2)
     session = ort.InferenceSession(export_two_flow(a, b, (8, 8)), providers=["CPUExecutionProvider"])
-    mixture, normal = session.run(["log_px_mixture", "log_px_normal"], {"image": x.numpy()})
+    mixture, normal, score_map = session.run(None, {"image": x.numpy()})
+    np.testing.assert_allclose(
+        score_map.reshape(2, -1).sum(1), (mixture - normal)[:, 0], rtol=1e-4, atol=1e-2
+    )
     with torch.no_grad():
         np.testing.assert_allclose(mixture[:, 0], a.log_prob(x - 0.5).numpy(), rtol=1e-5, atol=1e-3)
         np.testing.assert_allclose(normal[:, 0], b.log_prob(x - 0.5).numpy(), rtol=1e-5, atol=1e-3)

@@ -148,8 +148,15 @@ def test_scorer_scores_through_the_backend(tiny_repository):
         }
         with pytest.raises(InputError, match="2D radiographs"):
             scorer.score(Volume(np.random.default_rng(0).random((8, 64, 64)), (1.0, 1.0, 1.0)))
+        _, score_map = scorer.score_with_map(volume)
+    assert score_map.array.shape == CXR.shape
+    assert float(score_map.array.mean()) == pytest.approx(result.score, rel=1e-5)
+    centre = lambda v: v.index_to_world((np.asarray(v.shape_xyz) - 1) / 2)  # noqa: E731
+    np.testing.assert_allclose(centre(score_map), centre(volume), atol=1e-6)  # same world box
+    np.testing.assert_allclose(np.asarray(score_map.spacing[:2]) * 64, [120.0, 128.0])
     with AnomalyScorer("cxr-anomaly", "two-flow", repository=root, setting="embedded") as scorer:
-        posterior = scorer.score(volume)
+        posterior, posterior_map = scorer.score_with_map(volume)
+    assert float(posterior_map.array.mean()) == pytest.approx(posterior.score, rel=1e-4, abs=1e-6)
     nll = posterior.components
     assert posterior.score == pytest.approx(
         nll["nll_normal_bits_per_dim"] - nll["nll_mixture_bits_per_dim"], abs=1e-6
@@ -175,8 +182,10 @@ def test_constant_input_to_the_raw_model_is_finite(tiny_repository):
     root, _ = tiny_repository
     session = ort.InferenceSession(str(root / CXR.model_name("glow") / "1" / "model.onnx"))
     for value in (0.5 / 256, 0.5, 255.5 / 256):
-        (log_px,) = session.run(None, {"image": np.full((1, 1, 64, 64), value, np.float32)})
-        assert np.all(np.isfinite(log_px))
+        log_px, nll_map = session.run(
+            ["log_px", "nll_map"], {"image": np.full((1, 1, 64, 64), value, np.float32)}
+        )
+        assert np.all(np.isfinite(log_px)) and np.all(np.isfinite(nll_map))
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -205,7 +214,7 @@ def test_every_input_is_a_finite_score_or_an_input_error(tiny_repository, rows, 
     except InputError as exc:
         assert exc.field == "image"
         return
-    (log_px,) = session.run(None, {"image": x})
+    (log_px,) = session.run(["log_px"], {"image": x})
     assert np.all(np.isfinite(scores_from_outputs("glow", {"log_px": log_px}, CXR)))
 
 

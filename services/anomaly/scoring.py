@@ -37,6 +37,10 @@ INPUT_NAME = "image"
 LOG_PX = "log_px"
 LOG_PX_MIXTURE = "log_px_mixture"
 LOG_PX_NORMAL = "log_px_normal"
+#: Per-pixel maps (nats per pixel): the Glow's −log p(x) spread over its pixels, and the posterior's
+#: NLL_normal − NLL_mixture. Each sums to (the score of) the whole image.
+NLL_MAP = "nll_map"
+SCORE_MAP = "score_map"
 UNITS = "bits/dim"
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -56,6 +60,26 @@ def scores_from_outputs(model: str, outputs: dict[str, np.ndarray], task: Anomal
         nll_mixture = bits_per_dim(outputs[LOG_PX_MIXTURE], dims, task.levels)
         return (nll_normal - nll_mixture).reshape(-1)
     raise InputError(f"no served scorer for model {model!r}", field="model")
+
+
+def map_bits_per_pixel(model: str, outputs: dict[str, np.ndarray], task: AnomalyTask) -> np.ndarray:
+    """(n, *spatial) per-pixel map in bits whose mean over the pixels is the image's score."""
+    if model == "glow":
+        return ((np.asarray(outputs[NLL_MAP], np.float64) + math.log(task.levels)) / math.log(2.0))[:, 0]
+    if model == "two-flow":
+        return (np.asarray(outputs[SCORE_MAP], np.float64) / math.log(2.0))[:, 0]
+    raise InputError(f"no served scorer for model {model!r}", field="model")
+
+
+def model_grid_volume(image: Volume, array: np.ndarray) -> Volume:
+    """``array`` (the model's (z, y, x) shape) as a Volume covering ``image``'s world box: the grid
+    the preprocessing resized onto (pixel centres scaled about the box, as ``skimage`` resizes)."""
+    old = np.asarray(image.shape_xyz, dtype=np.float64)
+    new = np.asarray(array.shape[::-1], dtype=np.float64)
+    scale = old / new
+    origin = image.index_to_world((scale - 1.0) / 2.0)
+    spacing = tuple(float(s) for s in np.asarray(image.spacing) * scale)
+    return Volume(array.astype(np.float32), spacing, tuple(origin), image.direction, {"units": "bits/pixel"})
 
 
 @dataclass(frozen=True)
@@ -111,6 +135,12 @@ class AnomalyScorer:
         return scores_from_outputs(self.model, outputs, self.task), outputs
 
     def score(self, volume: Volume) -> AnomalyScore:
+        return self.score_with_map(volume)[0]
+
+    def score_with_map(self, volume: Volume) -> tuple[AnomalyScore, Volume]:
+        """The score and its per-pixel map in bits/pixel on the model grid over the image's world box
+        (:func:`model_grid_volume`; the map's mean is the score). Resample it onto the image with
+        ``Volume.resample(reference=image)`` for an overlay."""
         scores, outputs = self.raw_scores(model_input(volume, self.task))
         value = float(scores[0])
         if not math.isfinite(value):  # a model failure, not the caller's input: never hand out NaN
@@ -121,8 +151,10 @@ class AnomalyScorer:
                 bits_per_dim(array, dims, self.task.levels).reshape(-1)[0]
             )
             for name, array in outputs.items()
+            if name.startswith(LOG_PX)
         }
-        return AnomalyScore(
+        score_map = map_bits_per_pixel(self.model, outputs, self.task)[0]
+        result = AnomalyScore(
             task=self.task.name,
             model=self.model,
             model_version=self.version,
@@ -132,6 +164,7 @@ class AnomalyScorer:
             z=self.calibration.z(value),
             components=components,
         )
+        return result, model_grid_volume(volume, score_map.reshape(self.task.shape))
 
     def close(self) -> None:
         self._backend.close()

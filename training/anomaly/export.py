@@ -4,7 +4,8 @@ The graph holds no ``slogdet`` or matrix inverse (neither exports): :meth:`Glow.
 1×1 weight from its LU factors into a constant, and every log-determinant is already a sum of
 log|s| (or log-scales) times the spatial size. Input ``image`` (n, 1, *spatial) in [0, 1] (the
 serving preprocessing's dequantised levels, :func:`services.anomaly.preprocess.model_input`);
-outputs ``log_px`` (n, 1) in nats per flow — the services turn it into bits/dim.
+outputs ``log_px`` (n, 1) in nats per flow — the services turn it into bits/dim — and the per-pixel
+map: ``nll_map`` (Glow) or ``score_map`` (two-flow: NLL_normal − NLL_mixture), nats per pixel.
 """
 
 from __future__ import annotations
@@ -16,31 +17,38 @@ import warnings
 import torch
 from torch import nn
 
-from services.anomaly.scoring import INPUT_NAME, LOG_PX, LOG_PX_MIXTURE, LOG_PX_NORMAL
+from services.anomaly.scoring import INPUT_NAME, LOG_PX, LOG_PX_MIXTURE, LOG_PX_NORMAL, NLL_MAP, SCORE_MAP
 from training.anomaly.glow import Glow
 
 
 class LogDensity(nn.Module):
-    """image ∈ [0, 1] → log p(image) (n, 1): the flow sees image − 0.5, as in training."""
+    """image ∈ [0, 1] → (log p(image) (n, 1), −log p spread over the pixels (n, 1, *spatial)), nats.
+
+    The flow sees image − 0.5, as in training. ``log_px`` is the map's sum, so the two outputs can
+    never disagree (:meth:`Glow.nll_map`)."""
 
     def __init__(self, flow: Glow) -> None:
         super().__init__()
         self.flow = copy.deepcopy(flow).eval().freeze()
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.flow.log_prob(image - 0.5).reshape(-1, 1)
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nll_map = self.flow.nll_map(image - 0.5)
+        return -nll_map.reshape(nll_map.shape[0], -1).sum(1, keepdim=True), nll_map
 
 
 class TwoFlowLogDensity(nn.Module):
-    """Both flows of the posterior on the same input: one model file, one request."""
+    """Both flows of the posterior on the same input (one model file, one request): their log p(x)
+    and the posterior's map NLL_normal − NLL_mixture per pixel (nats)."""
 
     def __init__(self, mixture: Glow, normal: Glow) -> None:
         super().__init__()
         self.mixture = LogDensity(mixture)
         self.normal = LogDensity(normal)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mixture(image), self.normal(image)
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        log_px_mixture, map_mixture = self.mixture(image)
+        log_px_normal, map_normal = self.normal(image)
+        return log_px_mixture, log_px_normal, map_normal - map_mixture
 
 
 def export_log_density(module: nn.Module, spatial: tuple[int, ...], output_names: list[str]) -> bytes:
@@ -64,8 +72,10 @@ def export_log_density(module: nn.Module, spatial: tuple[int, ...], output_names
 
 
 def export_glow(flow: Glow, spatial: tuple[int, ...]) -> bytes:
-    return export_log_density(LogDensity(flow), spatial, [LOG_PX])
+    return export_log_density(LogDensity(flow), spatial, [LOG_PX, NLL_MAP])
 
 
 def export_two_flow(mixture: Glow, normal: Glow, spatial: tuple[int, ...]) -> bytes:
-    return export_log_density(TwoFlowLogDensity(mixture, normal), spatial, [LOG_PX_MIXTURE, LOG_PX_NORMAL])
+    return export_log_density(
+        TwoFlowLogDensity(mixture, normal), spatial, [LOG_PX_MIXTURE, LOG_PX_NORMAL, SCORE_MAP]
+    )

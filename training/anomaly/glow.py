@@ -181,6 +181,12 @@ class AffineCoupling(nn.Module):
         scale, shift = self._scale_shift(a)
         return torch.cat([a, (b + shift) * scale], 1), _sum_per_sample(torch.log(scale))
 
+    def forward_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``forward``, with the log-det per position (n, 1, *spatial) instead of per sample."""
+        a, b = x[:, : self.half], x[:, self.half :]
+        scale, shift = self._scale_shift(a)
+        return torch.cat([a, (b + shift) * scale], 1), torch.log(scale).sum(1, keepdim=True)
+
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
         a, b = y[:, : self.half], y[:, self.half :]
         scale, shift = self._scale_shift(a)
@@ -204,6 +210,16 @@ class FlowStep(nn.Module):
             x, logdet = layer(x)
             total = total + logdet
         return x, total
+
+    def forward_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``forward``, with the log-det per position (n, 1, *spatial): actnorm's and the 1×1
+        convolution's are the same at every position, the coupling's is its own log-scales."""
+        actnorm, invconv, coupling = self.layers
+        x, ld_a = actnorm(x)
+        x, ld_w = invconv(x)
+        x, ld_map = coupling.forward_map(x)
+        constant = (ld_a + ld_w) / _spatial(x)
+        return x, ld_map + constant.reshape(-1, *(1,) * (x.dim() - 1))
 
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
         for layer in reversed(self.layers):
@@ -280,6 +296,33 @@ class Glow(nn.Module):
     def _top_prior(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         prior = self.top_prior.expand(like.shape[0], -1, *like.shape[2:])
         return prior[:, 0::2], prior[:, 1::2]
+
+    def nll_map(self, x: torch.Tensor) -> torch.Tensor:
+        """−log p(x) spread over the input pixels (n, 1, *spatial), nats; it sums to −log p(x).
+
+        Each level's contributions (its latents' −log density and its steps' −log-dets, per
+        position) are spread evenly over the block of input pixels that position was squeezed from,
+        so a finding's excess NLL shows where it is, at the resolution of the level that explains it."""
+        total = torch.zeros_like(x)
+        h = x
+        for level, block in enumerate(self.blocks):
+            h = self.squeeze(h)
+            contribution = torch.zeros_like(h[:, :1])
+            for step in block:
+                h, ld_map = step.forward_map(h)
+                contribution = contribution + ld_map
+            if level < self.levels - 1:
+                keep = h.shape[1] // 2
+                h, z = h[:, :keep], h[:, keep:]
+                mean, log_sd = self._split_prior(level, h)
+            else:
+                z = h
+                mean, log_sd = self._top_prior(h)
+            contribution = contribution + gaussian_log_density(z, mean, log_sd).sum(1, keepdim=True)
+            factor = 2 ** (level + 1)
+            spread = F.interpolate(contribution, scale_factor=float(factor), mode="nearest")
+            total = total - spread / factor**self.dims
+        return total
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x) per sample, nats."""
