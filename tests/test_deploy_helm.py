@@ -483,15 +483,14 @@ def test_batch_is_an_indexed_job_of_disjoint_resumable_shards_admitted_to_triton
     assert refused.returncode != 0 and "batch.claim" in refused.stderr  # no claim, no Job
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SystemExit,
-    reason="the CLI has no --shard K/N yet (services/cli, issue 15 item 4): the Job renders but cannot run",
-)
 def test_batch_job_command_parses_with_the_cli():
+    """Pod 3's command line is one the real CLI accepts, as shard 3 of 8 of a manifest batch."""
+    from services.batch.shards import Shard, parse_shard
     from services.cli.main import build_parser
 
     args = [
         a.replace("$(SHARD)", "3") for a in _batch_job()["spec"]["template"]["spec"]["containers"][0]["args"]
     ]
-    build_parser().parse_args(args)
+    parsed = build_parser().parse_args(args)
+    assert (parsed.command, parse_shard(parsed.shard)) == ("detect", Shard(3, 8))
+    assert str(parsed.manifest) == "/data/in/manifest.csv" and parsed.image is None

@@ -9,8 +9,6 @@ finished one leaves whole files. The JSON is written last: its presence means th
 from __future__ import annotations
 
 import argparse
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +65,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="default $WLCAD_MODEL_REPOSITORY or model_repository/",
     )
     parser.add_argument("--series-uid", help="pick one series when the DICOM folder holds several")
+    parser.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="batch: only the cases of shard K of N (0 ≤ K < N; merge with 'wlcad batch merge DIR')",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -99,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give exactly one of --image or --manifest", field="image")
     if args.manifest is not None:
         return _run_batch(args, task, cutoff)
+    if args.shard is not None:
+        raise InputError("splits a batch: give --manifest", field="shard")
     _check_outputs(args)
     image = read_image(args.image, series_instance_uid=args.series_uid)
     if args.sr is not None:  # refused before the model runs, as --seg is for estimate
@@ -122,83 +127,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass
-class BatchSummary:
-    """What a batch did: cases detected now, found done (resumed), and failed with their one-line error."""
-
-    detected: int = 0
-    resumed: int = 0
-    failed: dict[str, str] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        return f"{self.detected} detected, {self.resumed} already done, {len(self.failed)} failed"
-
-
-def _cases(manifest: Path) -> tuple[dict[str, Path], dict[str, str], bool]:
-    """(case → image, case → row error, whether any row holds a lesion) of a manifest."""
-    from services.core.manifest import read_manifest
-
-    images: dict[str, Path] = {}
-    errors: dict[str, str] = {}
-    has_lesions = False
-    for row in read_manifest(manifest, check_files=False, strict=False):
-        case = row["case_id"]
-        if "error" in row:
-            errors.setdefault(case, f"line {row['line']}: {row['error']}")
-            continue
-        images.setdefault(case, Path(row["image"]))
-        has_lesions = has_lesions or row["lesion_id"] is not None
-    return {c: p for c, p in images.items() if c not in errors}, errors, has_lesions
-
-
 def _run_batch(args: argparse.Namespace, task: CadeTask, cutoff: Cutoff) -> int:
-    """One ``<case_id>.json`` per manifest case, each atomic, so a rerun skips what is done. A case
-    whose input is bad is recorded and the batch goes on; the exit status is 2 when any failed."""
-    from tqdm import tqdm
+    """One ``<case_id>.json`` per manifest case (of ``--shard``), resumable (:mod:`services.batch.detect`)."""
+    from services.batch.detect import run_detect_batch
+    from services.batch.shards import parse_shard
 
-    from services.cade.model import CadeModel
-    from services.label_estimation.outputs import check_writable, write_json
-
+    shard = parse_shard(args.shard)
     if args.overlay is not None:
         raise InputError("is for one image; a batch writes no overlays", field="overlay")
     if args.sr is not None:
         raise InputError("is for one image; a batch writes no SR", field="sr")
-    check_writable(args.out, "out", folder=True)
-    images, errors, has_lesions = _cases(args.manifest)
-    summary = BatchSummary(failed=dict(errors))
-    with CadeModel(task, args.inference, args.model_repository) as model:
-        threshold = cutoff.resolve(model)
-        args.out.mkdir(parents=True, exist_ok=True)
-        with tqdm(total=len(images), unit="case", file=sys.stderr, disable=None) as bar:
-            for case, image_path in images.items():
-                target = args.out / f"{case}.json"
-                if target.is_file():
-                    summary.resumed += 1
-                else:
-                    try:
-                        kept = detect_at(model, read_image(image_path), threshold)
-                    except InputError as exc:
-                        summary.failed[case] = str(exc)
-                    else:
-                        write_json(target, kept.as_dict(model=task.model_name))
-                        summary.detected += 1
-                bar.update()
-    print(f"{task.name} batch at confidence ≥ {threshold:.3g}: {summary} → {args.out}")
-    for case, error in summary.failed.items():
-        print(f"  failed {case}: {error}")
-    if has_lesions and summary.failed:
-        print("no FROC: a failed case would count as one without candidates")
-    elif has_lesions:
-        _print_froc(args.manifest, args.out)
-    return 2 if summary.failed else 0
-
-
-def _print_froc(manifest: Path, folder: Path) -> None:
-    """FROC of the batch against the manifest's lesions (what ``wlcad evaluate cade`` reports in full)."""
-    from services.cli.evaluate_cmd import summary
-    from services.evaluation.cade_report import evaluate_cade, read_predictions, read_truth
-
-    print(summary(evaluate_cade(read_truth(manifest), read_predictions(folder))))
+    return run_detect_batch(
+        task, cutoff, args.manifest, args.out, args.inference, args.model_repository, shard
+    )
 
 
 def _ring_mask(image: Volume, result: DetectionResult) -> np.ndarray:

@@ -58,6 +58,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--report", type=Path, help="also write the per-lesion JSON report here")
     parser.add_argument("--circus", type=Path, help="also write CIRCUS voxel labels into this folder")
     parser.add_argument("--series-uid", help="pick one series when the DICOM folder holds several")
+    parser.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="batch: only the cases of shard K of N (0 ≤ K < N; merge with 'wlcad batch merge DIR')",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -71,6 +76,8 @@ def _estimator(method: str) -> tuple[LabelEstimator, UnetModel | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.shard is not None and (args.manifest is None or args.dose is not None):
+        raise InputError("splits a batch: give --manifest", field="shard")
     if args.dose is not None:
         return _run_dose(args)
     if args.manifest is not None:
@@ -159,9 +166,11 @@ def _write_single(args: argparse.Namespace, image, estimates: list[LesionEstimat
 def _run_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from services.batch.shards import parse_shard
     from services.core.manifest import read_lesions
     from services.label_estimation.batch import run_batch
 
+    shard = parse_shard(args.shard)
     lesions = read_lesions(args.manifest)  # refuses an unsafe case id (naming its line) before any work
     estimator, model = _estimator(args.method)
     try:
@@ -173,6 +182,8 @@ def _run_batch(args: argparse.Namespace) -> int:
                 estimator,
                 model_version=model.version if model is not None else None,
                 progress=bar.update,
+                shard=shard,
+                manifest=args.manifest,
             )
     finally:
         if model is not None:

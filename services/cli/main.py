@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services.cli import (
+    batch_cmd,
     circus_cmd,
     circus_db_cmd,
     data_cmd,
@@ -57,6 +58,7 @@ _COMMANDS = (
     pacs_cmd,
     circus_db_cmd,
     feedback_cmd,
+    batch_cmd,
 )
 
 

@@ -11,22 +11,27 @@ A lesion that fails (bad centre, unreadable image) is recorded with its error an
 Before any work the runner refuses an ``--out`` it cannot write (exit 2, not an internal error after
 the compute), takes an exclusive lock on it (two batches into one folder would overwrite each other's
 files and delete each other's temporaries), and removes the temporary files a killed run left there.
+
+Sharded (``--shard K/N``, :mod:`services.batch.shards`): the runner estimates only the lesions of the
+cases its shard owns, holds the folder shared (shards run side by side) and its shard exclusively,
+cleans only its own cases' temporaries, and writes ``summary.shard-K-of-N.json`` (its rows with their
+manifest positions) instead of ``summary.csv``; ``wlcad batch merge`` then writes the ``summary.csv``
+an unsharded run would have written (:func:`write_merged_summary`).
 """
 
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from services.batch.shards import Shard, batch_lock, manifest_sha256, write_shard_summary
 from services.core.atomic import atomic_output, temporary_name_pattern
 from services.core.errors import InputError
 from services.core.io import read_image
@@ -77,29 +82,69 @@ def run_batch(
     *,
     model_version: str | None = None,
     progress: Callable[[int], None] | None = None,
+    shard: Shard | None = None,
+    manifest: Path | None = None,
 ) -> Path:
     """Estimate every lesion (from :func:`~services.core.manifest.read_lesions`, which has refused
-    unsafe case ids) into ``out``; returns the summary CSV's path. ``model_version`` is the version of
-    the estimator's model (``None`` without one): part of the resume key.
+    unsafe case ids) into ``out``; returns the summary's path (``summary.csv``, or with ``shard`` the
+    shard's summary). ``model_version`` is the version of the estimator's model (``None`` without
+    one): part of the resume key. ``shard`` needs the ``manifest`` the lesions came from (its digest
+    and path go into the shard summary, for the merge).
 
     Raises:
-        InputError: naming ``out`` when it cannot be written or another batch is writing into it.
+        InputError: naming ``out`` when it cannot be written or another batch is writing into it,
+            ``shard`` when the folder holds a run in another number of shards.
     """
     out = Path(out)
+    positions = list(range(len(lesions)))
+    if shard is not None:
+        if manifest is None:
+            raise ValueError("a sharded batch needs its manifest")
+        positions = [i for i in positions if shard.owns(lesions[i].case_id)]
+        lesions = [lesions[i] for i in positions]
     check_writable(out, "out", folder=True)
     out.mkdir(parents=True, exist_ok=True)
-    for case_id in sorted({lesion.case_id for lesion in lesions} - {""}):
+    case_ids = sorted({lesion.case_id for lesion in lesions} - {""})
+    for case_id in case_ids:
         if (out / case_id).exists():
             check_writable(out / case_id, "out", folder=True)
-    with _exclusive(out):
-        _remove_stale_temporaries(out)
+    with batch_lock(out, shard):
+        _remove_stale_temporaries(out, None if shard is None else case_ids, shard)
         rows = _estimate_all(lesions, out, method, estimator, model_version, progress)
-        summary = out / SUMMARY_NAME
-        with atomic_output(summary) as temporary, temporary.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        if shard is None:
+            return _write_summary(out, rows)
+        assert manifest is not None
+        return write_shard_summary(
+            out,
+            shard,
+            {
+                "command": "estimate",
+                "manifest": str(Path(manifest).resolve()),
+                "manifest_sha256": manifest_sha256(manifest),
+                "settings": {"method": method, "model_version": model_version},
+                "cases": sorted({lesion.case_id for lesion in lesions}),
+                "rows": [{"position": p, **row} for p, row in zip(positions, rows, strict=True)],
+            },
+        )
+
+
+def _write_summary(out: Path, rows: list[dict]) -> Path:
+    summary = out / SUMMARY_NAME
+    with atomic_output(summary) as temporary, temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
     return summary
+
+
+def write_merged_summary(out: Path, shard_documents: list[dict]) -> Path:
+    """``summary.csv`` of a sharded run, byte-identical to the one a fresh unsharded run writes: the
+    shards' rows in manifest order, each finished lesion ``ok``. ("skipped", that a lesion was found
+    done by a rerun, is a fact of one run, not of the result; it stays in the shard summaries.)"""
+    rows = sorted((row for doc in shard_documents for row in doc["rows"]), key=lambda row: row["position"])
+    return _write_summary(
+        out, [{**row, "status": "ok" if row["status"] == "skipped" else row["status"]} for row in rows]
+    )
 
 
 def _estimate_all(
@@ -178,29 +223,26 @@ def _path_digest(path: Path | None) -> str | None:
     return None if path is None else hashlib.sha256(os.fsencode(Path(path).resolve())).hexdigest()
 
 
-@contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on the ``out`` folder itself (no lock file to leave behind); the
-    kernel drops it when the process dies, SIGKILL included."""
-    handle = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(
-                f"another batch is writing into {out}; wait for it to end", field="out"
-            ) from None
-        yield
-    finally:
-        os.close(handle)
-
-
-def _remove_stale_temporaries(out: Path) -> int:
+def _remove_stale_temporaries(
+    out: Path, case_ids: list[str] | None = None, shard: Shard | None = None
+) -> int:
     """Delete the temporaries a killed run left in ``out`` and its case folders (one level, links not
-    followed); safe under :func:`_exclusive`, as no other batch is writing there. Returns the count."""
-    stale = [out / name for name in os.listdir(out) if _STALE_IN_OUT.fullmatch(name)]
-    with os.scandir(out) as entries:
-        folders = [Path(entry.path) for entry in entries if entry.is_dir(follow_symlinks=False)]
+    followed); safe under the batch lock, as no other batch is writing there. A shard cleans only its
+    own ``case_ids``' folders and its own summary's temporaries: the other shards are writing beside
+    it. Returns the count."""
+    top = (
+        _STALE_IN_OUT if shard is None else re.compile(temporary_name_pattern(re.escape(shard.summary_name)))
+    )
+    stale = [out / name for name in os.listdir(out) if top.fullmatch(name)]
+    if case_ids is None:
+        with os.scandir(out) as entries:
+            folders = [Path(entry.path) for entry in entries if entry.is_dir(follow_symlinks=False)]
+    else:
+        folders = [
+            out / case_id
+            for case_id in case_ids
+            if (out / case_id).is_dir() and not (out / case_id).is_symlink()
+        ]
     for folder in folders:
         try:
             stale += [folder / name for name in os.listdir(folder) if _STALE_IN_CASE.fullmatch(name)]
