@@ -126,6 +126,12 @@ BUILT_IN: tuple[Capability, ...] = (
                 "The same, for an uploaded NIfTI/NRRD/MHA/DICOM file or DICOM zip (multipart)",
             ),
             HttpBinding(
+                "POST",
+                "/v1/detections:toPacs",
+                "DetectToPacs",
+                "Detect on a series of a configured DICOMweb server; store SEG/SR back there (STOW-RS)",
+            ),
+            HttpBinding(
                 "GET",
                 "/v1/detections:describe",
                 "Describe",

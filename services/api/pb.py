@@ -22,6 +22,7 @@ from wlcad.v1 import (
     image_pb2,
     label_estimation_pb2,
     label_estimation_pb2_grpc,
+    pacs_pb2,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "image_pb2",
     "label_estimation_pb2",
     "label_estimation_pb2_grpc",
+    "pacs_pb2",
 ]

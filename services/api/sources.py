@@ -433,18 +433,25 @@ def _fetch(url: str, timeout_s: float) -> tuple[str, bytearray]:
     return content_type, body
 
 
+def configured_dicomweb_server(base_url: str, servers: Sequence[str], field: str) -> str:
+    """``base_url`` without its trailing slash when it is one of ``servers``, else an InputError on
+    ``field``: a request may name a server, never make the service talk to one it was not given."""
+    base = base_url.rstrip("/")
+    if base not in [s.rstrip("/") for s in servers]:
+        raise InputError(
+            "is not one of this service's DICOMweb servers" + ("" if servers else " (none configured)"),
+            field=field,
+        )
+    return base
+
+
 def volume_from_dicomweb(
     reference: image_pb2.DicomWebReference, servers: Sequence[str], timeout_s: float = 60.0
 ) -> Volume:
     """WADO-RS: fetch one series as multipart/related application/dicom, then read it as a folder.
     Waits at most ``timeout_s``, and never past the request's deadline."""
     field = "image.dicomweb"
-    base = reference.base_url.rstrip("/")
-    if base not in [s.rstrip("/") for s in servers]:
-        raise InputError(
-            "is not one of this service's DICOMweb servers" + ("" if servers else " (none configured)"),
-            field=f"{field}.base_url",
-        )
+    base = configured_dicomweb_server(reference.base_url, servers, f"{field}.base_url")
     for name in ("study_instance_uid", "series_instance_uid"):
         check_uid(getattr(reference, name), f"{field}.{name}")
     url = f"{base}/studies/{reference.study_instance_uid}/series/{reference.series_instance_uid}"

@@ -1,6 +1,6 @@
 """The PACS round trip as one flow: fetch a series, run a capability, store SEG/SR back, find them.
 
-``wlcad pacs run`` (and, later, a gateway route) is this: QIDO-RS size check (a series over the
+``wlcad pacs run`` and the Detection service's ``DetectToPacs`` (through the gateway) are this: QIDO-RS size check (a series over the
 service's limits is refused before a pixel is fetched) → WADO-RS fetch into a private temp folder →
 the same header checks an upload gets → the capability (a CADe task, or label estimation from
 prompts) → DICOM SEG and SR TID 1500 built from the fetched instances → STOW-RS into the source's
@@ -117,9 +117,12 @@ class _Outcome:
 # -- capabilities ---------------------------------------------------------------------------------
 
 
-def _open_model(request: PacsRunRequest, stack: ExitStack):
+def _open_model(request: PacsRunRequest, stack: ExitStack, bound=None):
     """The task's model, opened before the fetch (a missing model costs no transfer); ``None`` for a
-    label-estimation method without one. Closed when ``stack`` closes."""
+    label-estimation method without one. Closed when ``stack`` closes; ``bound``, a model the caller
+    already holds (a service's), is used as it is and left open."""
+    if bound is not None:
+        return bound
     if request.task != LABEL_ESTIMATION:
         from services.cade.model import CadeModel
         from services.cade.tasks import task_named
@@ -174,8 +177,9 @@ def _read(data: bytes) -> pydicom.Dataset:
         return pydicom.dcmread(io.BytesIO(data))
 
 
-def run_pacs(request: PacsRunRequest, client: PacsClient | None = None) -> PacsRunResult:
-    """The round trip (see the module docstring).
+def run_pacs(request: PacsRunRequest, client: PacsClient | None = None, model=None) -> PacsRunResult:
+    """The round trip (see the module docstring). ``model``: the task's model when the caller holds
+    it bound already (the Detection service does); else it is opened here for this run.
 
     Raises:
         InputError: the request (naming the option), a series over the limits or not there
@@ -195,7 +199,7 @@ def run_pacs(request: PacsRunRequest, client: PacsClient | None = None) -> PacsR
         headers=request.headers,
     )
     with ExitStack() as stack:
-        model = _open_model(request, stack)
+        model = _open_model(request, stack, model)
         size = client.series_size(request.study, request.series)
         client.check_size(size)
         log.info("series: %d instances, %d voxels stated; fetching", size.instances, size.voxels)

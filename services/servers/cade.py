@@ -10,7 +10,9 @@ the task as unavailable with the reason, and ``Detect`` answers FAILED_PRECONDIT
 looked up again on every request, so a model registered later is served without a restart.
 
 ``outputs`` adds the run's DICOM SR (TID 1500) and, on a 3D task, a SEG of the candidates' spheres,
-made as ``wlcad pacs run`` makes them (:mod:`services.servers.dicom_outputs`).
+made as ``wlcad pacs run`` makes them (:mod:`services.servers.dicom_outputs`). ``DetectToPacs`` is
+``wlcad pacs run`` itself on a series of one of the service's configured DICOMweb servers: fetch,
+detect, STOW-RS of the SEG/SR into the source's study, QIDO-RS to find them; never retried.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import grpc
 import pydicom
 
 from services.api.convert import volume_to_proto
-from services.api.pb import common_pb2
+from services.api.pb import common_pb2, pacs_pb2
 from services.api.pb import detection_pb2 as pb
+from services.api.sources import configured_dicomweb_server
 from services.api.status import PreconditionError
 from services.api.upload import upload_shape
 from services.cade.cutoff import Cutoff, detect_at
@@ -33,14 +36,20 @@ from services.cade.model import CadeModel
 from services.cade.pipeline import DetectionResult
 from services.cade.tasks import TASKS, CadeTask, task_named
 from services.core.errors import InputError
+from services.core.uids import check_uid
 from services.core.version import software_version
 from services.core.volume import Volume
+from services.core.work_budget import remaining_s
 from services.servers import dicom_outputs
 from services.servers.dicom_outputs import NO_OUTPUTS, DicomOutputsServicer, Outputs
 from services.servers.observability import INFERENCE
 from services.servers.scaffold import MethodStatus, ServiceSettings
 
 UPLOAD = upload_shape(pb.DetectUploadMessage.DESCRIPTOR)
+#: A DetectToPacs call's DICOMweb requests wait at most this long each, and the whole round trip
+#: this long — never past the request's own deadline.
+PACS_CALL_TIMEOUT_S = 60.0
+PACS_TOTAL_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,11 @@ class DetectionServicer(DicomOutputsServicer):
 
     def DetectUpload(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> pb.DetectResponse:  # noqa: N802 - gRPC names
         return self.handle_upload("DetectUpload", context, messages, UPLOAD, self._prepare, self._detect)
+
+    def DetectToPacs(  # noqa: N802 - gRPC names
+        self, request: pb.PacsDetectRequest, context: grpc.ServicerContext
+    ) -> pacs_pb2.PacsStoreResponse:
+        return self.handle("DetectToPacs", context, lambda: self._to_pacs(request))
 
     def methods(self) -> Sequence[MethodStatus]:
         return [self._status(task) for task in TASKS.values()]
@@ -162,6 +176,48 @@ class DetectionServicer(DicomOutputsServicer):
             )
             info.default_threshold = model.default_threshold()
         return info
+
+    def _to_pacs(self, request: pb.PacsDetectRequest) -> pacs_pb2.PacsStoreResponse:
+        """``wlcad pacs run`` for one of the configured DICOMweb servers, on this service's bound
+        model; everything checked (server, UIDs, task, cut-off, model) before a byte is fetched."""
+        from services.pacs.run import PacsRunRequest, run_pacs
+
+        base = configured_dicomweb_server(
+            request.series.base_url, self.settings.dicomweb_servers, "series.base_url"
+        )
+        check_uid(request.series.study_instance_uid, "series.study_instance_uid")
+        check_uid(request.series.series_instance_uid, "series.series_instance_uid")
+        task = task_named(request.task)
+        run = PacsRunRequest(
+            url=base,
+            study=request.series.study_instance_uid,
+            series=request.series.series_instance_uid,
+            task=task.name,
+            threshold=request.threshold if request.HasField("threshold") else None,
+            fp_rate=request.fp_rate if request.HasField("fp_rate") else None,
+            timeout_s=remaining_s(PACS_CALL_TIMEOUT_S),
+            total_timeout_s=remaining_s(PACS_TOTAL_TIMEOUT_S),
+        )
+        run.check()
+        result = run_pacs(run, model=self._model(task))
+        return pacs_pb2.PacsStoreResponse(
+            task=result.task,
+            instances_fetched=result.instances_fetched,
+            findings=result.findings,
+            model_version=result.model_version,
+            stored=[
+                pacs_pb2.PacsStoredObject(
+                    kind=o.kind,
+                    sop_class_uid=o.sop_class_uid,
+                    series_instance_uid=o.series_instance_uid,
+                    sop_instance_uid=o.sop_instance_uid,
+                    found=o.found,
+                )
+                for o in result.stored
+            ],
+            all_found=result.all_found,
+            software_version=software_version(),
+        )
 
     def _detect(self, prepared: _Prepared, image: Volume | None) -> pb.DetectResponse:
         headers = prepared.headers
