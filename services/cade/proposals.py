@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from services.core.errors import InputError
+from services.core.work_budget import checkpoint
 
 __all__ = ["BlobProposal", "ProposalSpec", "blob_proposals", "lung_mask"]
 
@@ -105,6 +106,7 @@ def blob_proposals(
     best = np.full(array.shape, -np.inf, dtype=np.float32)
     scale = np.zeros(array.shape, dtype=np.float32)
     for sigma in spec.sigmas_voxels:
+        checkpoint("blob proposals")  # one scale of a large CT takes seconds: stop between them
         response = (-(sigma**2) * ndimage.gaussian_laplace(array, sigma)).astype(np.float32)
         better = response > best
         best = np.where(better, response, best)
