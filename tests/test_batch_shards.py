@@ -280,3 +280,10 @@ def test_a_shard_of_another_count_is_refused_in_a_folder_of_a_sharded_run(tmp_pa
         ".shard-0-of-2.lock",
         "summary.shard-0-of-2.json",
     ]
+    assert wlcad(_estimate(manifest, out, "--shard", "1/2")) == 0
+    (report,) = [p for p in out.glob("*/lesion-1.json") if p.parent.name == "b"]
+    report.unlink()  # a per-case output lost after its shard finished
+    capsys.readouterr()
+    assert wlcad(["batch", "merge", str(out)]) == 2
+    assert f"case 'b' lesion 1 has no report; rerun --shard {shard_of('b', 2)}/2" in capsys.readouterr().err
+    assert not (out / "summary.csv").exists()

@@ -142,6 +142,15 @@ def write_merged_summary(out: Path, shard_documents: list[dict]) -> Path:
     shards' rows in manifest order, each finished lesion ``ok``. ("skipped", that a lesion was found
     done by a rerun, is a fact of one run, not of the result; it stays in the shard summaries.)"""
     rows = sorted((row for doc in shard_documents for row in doc["rows"]), key=lambda row: row["position"])
+    for doc in shard_documents:
+        for row in doc["rows"]:
+            report = out / row["case_id"] / f"lesion-{row['lesion_id']}.json"
+            if row["status"] != "error" and not report.is_file():
+                raise InputError(
+                    f"case {row['case_id']!r} lesion {row['lesion_id']} has no report; rerun --shard "
+                    f"{doc['shard']}/{doc['shards']}",
+                    field="dir",
+                )
     return _write_summary(
         out, [{**row, "status": "ok" if row["status"] == "skipped" else row["status"]} for row in rows]
     )
