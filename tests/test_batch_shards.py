@@ -234,10 +234,18 @@ def test_detect_shards_merge_into_the_single_runs_outputs_and_froc(repository, t
     )
 
     out = tmp_path / "sharded"
+    (out / "summary").mkdir(parents=True)
+    # What a SIGKILLed writer leaves (services.core.atomic's names): each shard removes its own only.
+    stale = [out / f".{case}.json.0123456789ab" for case in case_ids(per_shard=1)]
+    stale.append(out / "summary" / f".summary.shard-1-of-{N}.json.0123456789ab")
+    kept = [out / ".other.json.0123456789ab", out / f".{case_ids(1)[0]}.json.notes"]
+    for path in stale + kept:
+        path.write_text("{")
     processes = [spawn("detect", *common, "--out", str(out), "--shard", f"{k}/{N}") for k in range(N)]
     for process in processes:
         status, output = finish(process)
         assert status == 0, output
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
     capsys.readouterr()
     assert wlcad(["batch", "merge", str(out)]) == 0
     assert "CPM 1.000" in capsys.readouterr().out

@@ -13,13 +13,16 @@ order and, when the manifest has lesions and no case failed, ``DIR/summary/froc.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.batch.shards import Shard, batch_lock, manifest_sha256, write_shard_summary
-from services.core.atomic import write_bytes_atomically
+from services.core.atomic import temporary_name_pattern, write_bytes_atomically
 from services.core.errors import InputError
 from services.core.io import read_image
 
@@ -27,8 +30,12 @@ if TYPE_CHECKING:
     from services.cade.cutoff import Cutoff
     from services.cade.tasks import CadeTask
 
+log = logging.getLogger(__name__)
+
 #: The sub-folder of a detect batch's summaries (shards', merged, FROC).
 SUMMARY_FOLDER = "summary"
+#: A temporary name :func:`services.core.atomic.atomic_output` gives a target (group 1: the target).
+_TEMPORARY = re.compile(temporary_name_pattern("(.+)"))
 
 
 @dataclass
@@ -98,6 +105,7 @@ def run_detect_batch(
         threshold = cutoff.resolve(model)
         out.mkdir(parents=True, exist_ok=True)
         with batch_lock(out, shard, out / SUMMARY_FOLDER):
+            _remove_stale_temporaries(out, {c for c in cases.case_ids if owned(c)}, shard)
             with tqdm(total=len(images), unit="case", file=sys.stderr, disable=None) as bar:
                 for case, image_path in images.items():
                     target = out / f"{case}.json"
@@ -141,6 +149,22 @@ def run_detect_batch(
         else:
             _print_froc(manifest, out)
     return 2 if summary.failed else 0
+
+
+def _remove_stale_temporaries(out: Path, cases: set[str], shard: Shard | None) -> int:
+    """Delete the temporaries a killed run of this batch (or shard) left: those of its own cases'
+    JSONs, and of its own shard summary; never another shard's, which may be writing beside it."""
+    targets = {f"{case}.json" for case in cases}
+    stale = [out / n for n in os.listdir(out) if (m := _TEMPORARY.fullmatch(n)) and m.group(1) in targets]
+    summaries = out / SUMMARY_FOLDER
+    if shard is not None and summaries.is_dir():
+        own = re.compile(temporary_name_pattern(re.escape(shard.summary_name)))
+        stale += [summaries / n for n in os.listdir(summaries) if own.fullmatch(n)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temporary files left by an interrupted run", len(stale))
+    return len(stale)
 
 
 def _froc_report(manifest: Path, folder: Path):
