@@ -274,6 +274,13 @@ def test_a_bad_shard_exits_2_naming_it_before_any_work(spec, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_negative_shard_as_its_own_argument_is_named_too(tmp_path, capsys):
+    manifest = _estimate_manifest(tmp_path, ["a"])
+    # argparse would call "-1/3" a missing value (SystemExit, no field named)
+    assert wlcad(_estimate(manifest, tmp_path / "out", "--shard", "-1/3")) == 2
+    assert capsys.readouterr().err.startswith("wlcad: error: shard:")
+
+
 def test_a_shard_of_another_count_is_refused_in_a_folder_of_a_sharded_run(tmp_path, capsys):
     manifest = _estimate_manifest(tmp_path, ["a", "b"])
     out = tmp_path / "out"

@@ -8,7 +8,15 @@ import re
 from collections.abc import Sequence
 
 #: Options whose values are comma-separated coordinates, which may start with a minus sign.
-COORDINATE_OPTIONS = ("--center-mm", "--center-voxel", "--long-axis-start-mm", "--long-axis-end-mm")
+#: Options whose value may start with "-" (a negative coordinate; a negative shard index, which the
+#: option's own check then refuses by name instead of argparse calling it a missing value).
+COORDINATE_OPTIONS = (
+    "--center-mm",
+    "--center-voxel",
+    "--long-axis-start-mm",
+    "--long-axis-end-mm",
+    "--shard",
+)
 _NUMBER_LIST = re.compile(r"^-[0-9.]")
 
 
