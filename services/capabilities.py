@@ -139,6 +139,27 @@ BUILT_IN: tuple[Capability, ...] = (
             ),
         ),
     ),
+    Capability(
+        name="anomaly",
+        service="wlcad.v1.AnomalyScoring",
+        port=50063,
+        metrics_port=9103,
+        servicer="services.servers.anomaly:AnomalyScoringServicer",
+        summary="anomaly scores from presence-only labels, calibrated on normals (percentile, z)",
+        idempotent=frozenset({"Score", "Describe"}),
+        http=(
+            HttpBinding("POST", "/v1/anomaly:score", "Score", "Anomaly score of one image for one task"),
+            HttpBinding(
+                "POST",
+                "/v1/anomaly:upload",
+                "ScoreUpload",
+                "The same, for an uploaded NIfTI/NRRD/MHA/DICOM file or DICOM zip (multipart)",
+            ),
+            HttpBinding(
+                "GET", "/v1/anomaly:describe", "Describe", "Models offered, their versions and calibration"
+            ),
+        ),
+    ),
 )
 
 

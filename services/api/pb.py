@@ -16,6 +16,8 @@ if str(codegen.OUT_DIR) not in sys.path:
     sys.path.insert(0, str(codegen.OUT_DIR))
 
 from wlcad.v1 import (
+    anomaly_pb2,
+    anomaly_pb2_grpc,
     common_pb2,
     detection_pb2,
     detection_pb2_grpc,
@@ -26,6 +28,8 @@ from wlcad.v1 import (
 )
 
 __all__ = [
+    "anomaly_pb2",
+    "anomaly_pb2_grpc",
     "common_pb2",
     "detection_pb2",
     "detection_pb2_grpc",

@@ -30,6 +30,7 @@ from services.cli import (
     models_cmd,
     pacs_cmd,
     phantom_cmd,
+    score_cmd,
     serve_cmd,
     train_cmd,
     triton_cmd,
@@ -47,6 +48,7 @@ _COMMANDS = (
     phantom_cmd,
     estimate_cmd,
     detect_cmd,
+    score_cmd,
     evaluate_cmd,
     train_cmd,
     experiment_cmd,  # adds a protocol to train_cmd's 'experiment': after it
