@@ -1,4 +1,6 @@
-"""``wlcad evaluate cade``: FROC, CPM with 95 % CIs, breakdowns and operating points of a detector."""
+"""``wlcad evaluate cade``: FROC, CPM with 95 % CIs, breakdowns and operating points of a detector;
+``wlcad evaluate anomaly``: ROC-AUC with 95 % CIs, per abnormality type, sensitivity at 95 %
+specificity of anomaly scores (:mod:`services.evaluation.anomaly_report`)."""
 
 from __future__ import annotations
 
@@ -44,6 +46,33 @@ def register(commands: argparse._SubParsersAction) -> None:
     cade.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples")
     cade.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     cade.set_defaults(handler=run_cade)
+
+    anomaly = actions.add_parser(
+        "anomaly",
+        help="ROC-AUC (95 % CI), per type, sensitivity at 95 % specificity of wlcad score outputs",
+        description=(
+            "Writes <out>/anomaly.json (every number) and <out>/roc.png. Truth: a case is abnormal when "
+            "its manifest rows say so; its types are their lesion_type values. Each type's AUC is that "
+            "type's cases against all normals. A manifest case without a score is an error unless "
+            "--allow-missing."
+        ),
+    )
+    anomaly.add_argument(
+        "--manifest", type=Path, required=True, help="manifest CSV (truth: abnormal, lesion_type)"
+    )
+    anomaly.add_argument(
+        "--scores",
+        type=Path,
+        required=True,
+        help="wlcad score --manifest's folder (<case_id>.json) or worklist.csv",
+    )
+    anomaly.add_argument("--out", type=Path, default=Path("anomaly-evaluation"), help="output folder")
+    anomaly.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples")
+    anomaly.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    anomaly.add_argument(
+        "--allow-missing", action="store_true", help="leave out (and list) manifest cases without a score"
+    )
+    anomaly.set_defaults(handler=run_anomaly)
 
 
 def _threshold(value: float) -> str:
@@ -95,5 +124,23 @@ def run_cade(args: argparse.Namespace) -> int:
     )
     json_path, png_path = write_report(report, args.out)
     print(summary(report))
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def run_anomaly(args: argparse.Namespace) -> int:
+    from services.evaluation import anomaly_report
+
+    if args.resamples < 1:
+        raise InputError(f"must be ≥ 1, got {args.resamples}", field="--resamples")
+    if args.scores.is_dir() and args.out.resolve() == args.scores.resolve():
+        raise InputError("must differ from --scores (anomaly.json would be read as a score)", field="--out")
+    truth = anomaly_report.read_truth(args.manifest)
+    scores = anomaly_report.read_scores(args.scores)
+    report = anomaly_report.evaluate_anomaly(
+        truth, scores, allow_missing=args.allow_missing, n_resamples=args.resamples, seed=args.seed
+    )
+    json_path, png_path = anomaly_report.write_report(report, args.out)
+    print(anomaly_report.summary(report))
     print(f"wrote {json_path} and {png_path}")
     return 0
