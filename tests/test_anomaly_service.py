@@ -282,3 +282,25 @@ def test_a_model_not_in_the_repository_is_unavailable_until_registered(stack, re
     assert glow.score == pytest.approx(glow.components["nll_flow_bits_per_dim"], abs=1e-9)
     default = stub.Score(_volume_request(radiograph), timeout=60)
     assert default.model == "two-flow"  # the default stays the posterior when both are there
+
+
+def test_the_demo_scores_phantoms_and_the_real_radiograph_honestly(stack, tmp_path, capsys):
+    """``wlcad demo``'s anomaly part through the gateway: the test-seed phantoms ranked with their
+    truth, the real (abnormal) radiograph scored and called what it is: unlike the phantom normals."""
+    from services.cli.demo_anomaly import run_anomaly
+    from services.cli.demo_cmd import real_sample_plan
+
+    _, grpc_address, _ = stack
+    summary = run_anomaly(grpc_address, None, tmp_path, real_sample_plan(["chest-xray"]))
+    printed = capsys.readouterr().out
+    rows = summary["cxr-anomaly"]["phantoms"]
+    assert {r["truth"] for r in rows} == {"normal", "mass", "consolidation", "effusion", "cardiomegaly"}
+    assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+    top_normal = max(r["score"] for r in rows if r["truth"] == "normal")
+    for kind in ("cardiomegaly", "effusion"):  # test AUC ≈ 1 for both types
+        assert next(r["score"] for r in rows if r["truth"] == kind) > top_normal
+    assert all((tmp_path / "anomaly" / f"{r['case']}.png").is_file() for r in rows)
+    assert summary["head-ct-anomaly"]["skipped"].startswith("head-ct-anomaly with model glow needs")
+    real = summary["cxr-anomaly"]["chest-xray"]
+    assert np.isfinite([real["score"], real["z"]]).all() and real["percentile_among_normals"] == 100.0
+    assert "not that the masses were found" in printed and (tmp_path / "chest-xray" / "anomaly.png").is_file()

@@ -35,6 +35,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from services.cli.demo_anomaly import run_anomaly
 from services.cli.demo_detection import run_detection
 from services.core.errors import InputError
 from services.core.lesion_prompt import LesionPrompt
@@ -395,6 +396,7 @@ def run(args: argparse.Namespace) -> int:
     for case in real_samples:
         summary["real_samples"][case.name] = _real_case(client, args, token, case, methods, out)
     summary["detection"] = run_detection(args.address, token, out, args.seed, real_samples)
+    summary["anomaly"] = run_anomaly(args.address, token, out, real_samples)
 
     print(
         f"\nDice against the phantoms' exact truth (hybrid: lesions inserted into real backgrounds), {out}/:"

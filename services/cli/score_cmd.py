@@ -188,7 +188,7 @@ def render_score_overlay(
         f"{document['z']:+.2f} · not a diagnosis",
         fontsize=10,
     )
-    figure.tight_layout()
+    figure.tight_layout(rect=(0.0, 0.0, 1.0, 0.9))
     with atomic_output(path, suffix=".png") as temporary:
         figure.savefig(temporary, format="png", dpi=110)
     return Path(path)
