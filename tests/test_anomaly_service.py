@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,7 +30,7 @@ from services.cli.main import main as wlcad
 from services.core.io import write_image
 from services.core.volume import Volume
 from services.inference.factory import default_repository
-from tests.serving_support import Process, free_port, wait_serving
+from tests.serving_support import REPO_ROOT, Process, free_port, wait_serving
 from training.data.dataset import generate_case
 
 pytestmark = pytest.mark.timeout(300)
@@ -304,3 +305,20 @@ def test_the_demo_scores_phantoms_and_the_real_radiograph_honestly(stack, tmp_pa
     real = summary["cxr-anomaly"]["chest-xray"]
     assert np.isfinite([real["score"], real["z"]]).all() and real["percentile_among_normals"] == 100.0
     assert "not that the masses were found" in printed and (tmp_path / "chest-xray" / "anomaly.png").is_file()
+
+
+def test_http_routes_survive_schemathesis(stack, tmp_path):
+    """Generated requests to every AnomalyScoring route (from the gateway's OpenAPI): none is a server
+    error, and the service logs no traceback (the module fixture checks that at its end)."""
+    _, _, http_url = stack
+    st = [str(REPO_ROOT / ".venv" / "bin" / "st"), "run", f"{http_url}/openapi.json"]
+    options = ["--checks", "not_a_server_error", "--max-examples", "40", "--phases", "coverage,fuzzing"]
+    result = subprocess.run(
+        [*st, *options, "--request-timeout", "30", "--generation-deterministic"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "/v1/anomaly:score" in result.stdout and "passed" in result.stdout
