@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,29 @@ def batch_manifest(tmp_path_factory) -> Path:
     write_image(constant.with_array(np.full_like(constant.array, 5)), folder / "blank.nii.gz")
     rows.append({"case_id": "blank", "image": "blank.nii.gz", "abnormal": "false"})
     return write_manifest(rows, folder / "manifest.csv")
+
+
+class _Page(HTMLParser):
+    """The case ids of the worklist table's rows, of the failed table's, and the image sources."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table, self.worklist, self.failed, self.images = "", [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.table = attrs.get("id", "")
+        elif tag == "tr" and "data-case" in attrs:
+            (self.worklist if self.table == "worklist" else self.failed).append(attrs["data-case"])
+        elif tag == "img":
+            self.images.append(attrs["src"])
+
+
+def _page(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
 
 
 def _worklist(folder: Path) -> list[dict]:
@@ -117,6 +141,12 @@ def test_batch_worklist_resume_and_shards(batch_manifest, tmp_path, capsys):
     )
     assert not (out / "blank.json").exists()
     first_worklist = (out / "worklist.csv").read_bytes()
+    page = _page(out / "worklist.html")
+    assert page.worklist == [r["case_id"] for r in scored] and page.failed == ["blank"]
+    assert page.images == [f"thumbnails/{r['case_id']}.jpg" for r in scored]
+    for source in page.images:
+        with Image.open(out / source) as thumbnail:
+            assert thumbnail.format == "JPEG" and thumbnail.width > thumbnail.height > 100  # image | map
 
     # resume: nothing is scored again; a JSON of another model version is
     other = json.loads((out / "case02.json").read_text())

@@ -6,7 +6,8 @@ same document ``wlcad score --image`` writes), each atomic, so a rerun skips wha
 whose input is bad (a constant image, a volume to the radiograph model) is recorded and the batch
 goes on. A run that finds every manifest case scored writes ``DIR/worklist.csv``: the scored cases by
 descending score, then the cases that could not be scored, so that none drops silently off a
-reader's list. A shard writes its cases' JSONs and its ``DIR/summary/summary.shard-K-of-N.json``;
+reader's list; and the same as ``DIR/worklist.html`` with a thumbnail per case
+(``DIR/thumbnails/<case_id>.jpg``, written before the case's JSON). A shard writes its cases' JSONs and its ``DIR/summary/summary.shard-K-of-N.json``;
 once all shards are done, one unsharded rerun (every case resumes) writes the worklist.
 
 Also the one rule every entry point (CLI, batch, service) uses for which model scores a task
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.batch.shards import Shard, batch_lock, manifest_sha256, write_shard_summary
+from services.batch.worklist_page import PAGE, THUMBNAILS, write_page, write_thumbnail
 from services.core.atomic import temporary_name_pattern, write_bytes_atomically
 from services.core.errors import InputError
 
@@ -131,10 +133,13 @@ def run_score_batch(
                     summary.resumed += 1
                 else:
                     try:
-                        document = score_document(scorer.score(read_image(image_path)), task)
+                        image = read_image(image_path)
+                        result, score_map = scorer.score_with_map(image)
                     except InputError as exc:
                         summary.failed[case] = str(exc)
                     else:
+                        write_thumbnail(out, case, image, score_map, task.name)  # before the JSON
+                        document = score_document(result, task)
                         write_bytes_atomically(target, (json.dumps(document, indent=2) + "\n").encode())
                         summary.scored += 1
                 bar.update()
@@ -154,13 +159,15 @@ def run_score_batch(
             )
             worklist = None
         else:
-            worklist = write_worklist(out, cases.images, summary.failed, expected)
+            worklist = write_worklist(
+                out, cases.images, summary.failed, expected, len(scorer.calibration.normal_scores)
+            )
     where = "" if shard is None else f" shard {shard}"
     print(f"{task.name} batch{where} with {expected}: {summary} → {out}")
     for case, error in summary.failed.items():
         print(f"  failed {case}: {error}")
     if worklist is not None:
-        print(f"worklist (most abnormal first): {worklist}")
+        print(f"worklist (most abnormal first): {worklist} and {worklist.with_name(PAGE)}")
     return 2 if summary.failed else 0
 
 
@@ -176,17 +183,34 @@ def _done_by(target: Path, model_version: str) -> bool:
 
 
 def _remove_stale_temporaries(out: Path, cases: set[str]) -> None:
-    targets = {f"{case}.json" for case in cases} | {WORKLIST}
+    """Delete the temporaries a killed run of this batch (or shard) left: its own cases' JSONs and
+    thumbnails, and (unsharded) the worklist's; never another shard's."""
+    targets = {f"{case}.json" for case in cases} | {WORKLIST, PAGE}
     stale = [out / n for n in os.listdir(out) if (m := _TEMPORARY.fullmatch(n)) and m.group(1) in targets]
+    thumbnails = out / THUMBNAILS
+    if thumbnails.is_dir():
+        own = {f"{case}.jpg" for case in cases}
+        stale += [
+            thumbnails / n
+            for n in os.listdir(thumbnails)
+            if (m := _TEMPORARY.fullmatch(n)) and m.group(1) in own
+        ]
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
         log.info("removed %d temporary files left by an interrupted run", len(stale))
 
 
-def write_worklist(out: Path, images: dict[str, Path], failed: dict[str, str], model_version: str) -> Path:
+def write_worklist(
+    out: Path,
+    images: dict[str, Path],
+    failed: dict[str, str],
+    model_version: str,
+    n_normals: int | None = None,
+) -> Path:
     """``out/worklist.csv``: scored cases by descending score (ties by case id), rank 1 the most
-    abnormal; then every failed case (status ``failed`` with its error, no rank)."""
+    abnormal; then every failed case (status ``failed`` with its error, no rank). Also the same list
+    as ``out/worklist.html`` with thumbnails (:mod:`services.batch.worklist_page`)."""
     scored = []
     for case in images:
         if case in failed:
@@ -223,4 +247,12 @@ def write_worklist(out: Path, images: dict[str, Path], failed: dict[str, str], m
                 "error": failed[case],
             }
         )
+    task = scored[0][1]["task"] if scored else model_version
+    write_page(
+        out,
+        f"wlcad worklist · {task} · {model_version}",
+        [{"case_id": case, **document} for case, document in scored],
+        failed,
+        n_normals,
+    )
     return write_bytes_atomically(out / WORKLIST, text.getvalue().encode())
