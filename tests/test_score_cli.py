@@ -182,3 +182,38 @@ def test_batch_worklist_resume_and_shards(batch_manifest, tmp_path, capsys):
     assert "0 scored, 6 already done, 1 failed" in capsys.readouterr().out
     assert (sharded / "worklist.csv").read_bytes() == first_worklist
     shutil.rmtree(sharded)
+
+
+CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Debian's chromium-headless-shell (apt) and playwright (pip)"
+)
+def test_worklist_page_in_a_real_headless_browser(batch_manifest, tmp_path):
+    """The page as a browser renders it: every thumbnail loads (scrolled into view: they load
+    lazily), rows in rank order, the failed case shown in red, no failed request."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    out = tmp_path / "run"
+    wlcad(["score", "--task", CXR, "--manifest", str(batch_manifest), "--out", str(out)])
+    expected = [r["case_id"] for r in _worklist(out) if r["status"] == "scored"]
+    failed_requests = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("requestfailed", lambda request: failed_requests.append(request.url))
+        page.goto((out / "worklist.html").as_uri())
+        images = page.locator("#worklist img")
+        for i in range(images.count()):
+            images.nth(i).scroll_into_view_if_needed()
+        page.wait_for_function("[...document.images].every(i => i.complete)")
+        loaded = page.eval_on_selector_all("#worklist img", "a => a.map(i => i.naturalWidth)")
+        cases = page.eval_on_selector_all("#worklist tbody tr", "a => a.map(r => r.dataset.case)")
+        ranks = page.eval_on_selector_all(
+            "#worklist tbody tr td:first-child", "a => a.map(t => t.textContent)"
+        )
+        colour = page.eval_on_selector("#failed td", "t => getComputedStyle(t).color")
+        browser.close()
+    assert len(loaded) == len(expected) and all(width > 100 for width in loaded)
+    assert cases == expected and ranks == [str(k) for k in range(1, len(expected) + 1)]
+    assert colour == "rgb(170, 0, 0)" and failed_requests == []
