@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from services.cade.model import CLASSIFIER_SUFFIX, CadeModel
 from services.cade.pipeline import Detector
@@ -18,7 +19,10 @@ from services.cade.reranking import Reranker, RerankSpec, merged_proposals, voi_
 from services.cade.tasks import CHEST_CT_NODULE, CXR_MASS, TaskNotAvailableError
 from services.core.errors import InputError
 from services.core.grid import Grid
+from services.inference.export import register_onnx_model
 from services.inference.factory import default_repository
+from training.cade.fpr import classifier_network
+from training.onnx_export import export_onnx
 
 SPEC = ProposalSpec(max_count=50)
 
@@ -124,30 +128,51 @@ def test_a_task_without_a_second_stage_takes_no_classifier():
 
 # ----------------------------------------------------------------------------- the repository
 SHIPPED = default_repository()
-HAS_CLASSIFIER = (SHIPPED / (CHEST_CT_NODULE.model_name + CLASSIFIER_SUFFIX)).is_dir()
+CLASSIFIER = CHEST_CT_NODULE.model_name + CLASSIFIER_SUFFIX
+POINTS = {"1": 0.71, "2": 0.52, "4": 0.33, "8": 0.12}
 
 
-def copied_repository(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    for name in (CHEST_CT_NODULE.model_name, CHEST_CT_NODULE.model_name + CLASSIFIER_SUFFIX):
-        shutil.copytree(SHIPPED / name, repo / name)
+@pytest.fixture(scope="module")
+def two_stage_repository(tmp_path_factory) -> Path:
+    """The shipped chest CT U-Net beside a classifier registered the way training/cade/fpr.py does (an
+    untrained network of the trained one's shape: these tests are about binding, not accuracy)."""
+    repo = tmp_path_factory.mktemp("two-stage") / "repo"
+    shutil.copytree(SHIPPED / CHEST_CT_NODULE.model_name, repo / CHEST_CT_NODULE.model_name)
+    unet_version = max(int(p.name) for p in (repo / CHEST_CT_NODULE.model_name).iterdir() if p.name.isdigit())
+    voi = CHEST_CT_NODULE.spec.rerank.voi_voxels
+    torch.manual_seed(0)
+    register_onnx_model(
+        repo,
+        CLASSIFIER,
+        export_onnx(classifier_network(voi).eval(), (voi,) * 3, channels=2),
+        command="test",
+        data_manifest="none",
+        seed=0,
+        metrics={},
+        git_commit="abcdef0",
+        max_batch_size=16,
+        extra={
+            "operating_points": POINTS,
+            "first_stage_model": f"{CHEST_CT_NODULE.model_name}/{unet_version}",
+        },
+    )
     return repo
 
 
-@pytest.mark.skipif(not HAS_CLASSIFIER, reason="the chest CT classifier is not in this repository")
-def test_the_shipped_chest_ct_detector_runs_both_stages_and_uses_the_classifiers_operating_points():
-    with CadeModel(CHEST_CT_NODULE, "embedded", SHIPPED) as model:
+def test_the_two_stage_detector_runs_both_stages_and_uses_the_classifiers_operating_points(
+    two_stage_repository: Path,
+):
+    with CadeModel(CHEST_CT_NODULE, "embedded", two_stage_repository) as model:
+        assert model.classifier is not None
         assert model.version == f"{model.unet_version}+{model.classifier.version}"
-        card = json.loads((SHIPPED / model.classifier.name / "model_card.json").read_text())
-        points = card["versions"][str(model.classifier.number)]["extra"]["operating_points"]
-        assert model.default_threshold() == pytest.approx(points["4"])
+        assert model.default_threshold() == pytest.approx(POINTS["4"])
         assert model.detector().two_stage
 
 
-@pytest.mark.skipif(not HAS_CLASSIFIER, reason="the chest CT classifier is not in this repository")
-def test_a_classifier_trained_behind_another_u_net_is_refused(tmp_path):
-    repo = copied_repository(tmp_path)
-    card_path = repo / (CHEST_CT_NODULE.model_name + CLASSIFIER_SUFFIX) / "model_card.json"
+def test_a_classifier_trained_behind_another_u_net_is_refused(two_stage_repository: Path, tmp_path: Path):
+    repo = tmp_path / "repo"
+    shutil.copytree(two_stage_repository, repo)
+    card_path = repo / CLASSIFIER / "model_card.json"
     card = json.loads(card_path.read_text())
     for entry in card["versions"].values():
         entry["extra"]["first_stage_model"] = f"{CHEST_CT_NODULE.model_name}/99"
@@ -157,10 +182,18 @@ def test_a_classifier_trained_behind_another_u_net_is_refused(tmp_path):
     assert "/99" in err.value.message and "retrain" in err.value.message
 
 
-@pytest.mark.skipif(not HAS_CLASSIFIER, reason="the chest CT classifier is not in this repository")
-def test_without_its_classifier_the_task_runs_the_u_net_alone(tmp_path):
-    repo = copied_repository(tmp_path)
-    shutil.rmtree(repo / (CHEST_CT_NODULE.model_name + CLASSIFIER_SUFFIX))
+def test_without_its_classifier_the_task_runs_the_u_net_alone(two_stage_repository: Path, tmp_path: Path):
+    repo = tmp_path / "repo"
+    shutil.copytree(two_stage_repository / CHEST_CT_NODULE.model_name, repo / CHEST_CT_NODULE.model_name)
     with CadeModel(CHEST_CT_NODULE, "embedded", repo) as model:
         assert model.classifier is None and "+" not in model.version
         assert not model.detector().two_stage
+
+
+@pytest.mark.skipif(not (SHIPPED / CLASSIFIER).is_dir(), reason="no chest CT classifier is shipped")
+def test_a_shipped_classifier_is_bound_to_the_shipped_u_net():
+    with CadeModel(CHEST_CT_NODULE, "embedded", SHIPPED) as model:
+        card = json.loads((SHIPPED / CLASSIFIER / "model_card.json").read_text())
+        entry = card["versions"][str(model.classifier.number)]
+        assert entry["extra"]["first_stage_model"] == model.unet_version
+        assert model.default_threshold() == pytest.approx(entry["extra"]["operating_points"]["4"])

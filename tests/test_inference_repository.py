@@ -73,6 +73,8 @@ def test_export_writes_triton_config_and_card(repo: ModelRepository) -> None:
     card = ModelCard.read(repo.root / "toy")
     entry = card.versions["1"]
     assert entry.sha256 == sha256_file(repo.root / "toy" / "1" / "model.onnx")
+    # Triton reads the repository as another user: the staged temp file's 0600 must not survive.
+    assert (repo.root / "toy" / "1" / "model.onnx").stat().st_mode & 0o777 == 0o644
     assert (entry.command, entry.seed, entry.metrics) == (CARD["command"], 7, {"dice": 0.5})
     # A second export becomes version 2; the card keeps version 1's provenance.
     _register(repo.root, max_batch_size=4)
@@ -144,6 +146,7 @@ def test_every_shipped_model_passes_check() -> None:
     shipped = ModelRepository(default_repository())
     for name in shipped.model_names():
         assert check_model(shipped, name) == [], name
+        assert shipped.config(name).instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU, name
 
 
 def test_embedded_matches_onnxruntime_and_batches(repo: ModelRepository) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from services.capabilities import BUILT_IN
 from services.cli.main import build_parser
 from services.gateway.auth import TokenSet
 from services.servers.service_auth import ENV_SERVICE_HASHES, ENV_UPSTREAM_TOKEN, check_listen
@@ -93,10 +94,9 @@ def test_chart_network_policies_admit_only_the_gateway_to_service_grpc_ports():
     )
     assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
     triton = objects["NetworkPolicy/t-triton"]["spec"]["ingress"][0]["from"]
-    assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in triton] == [
-        "cade",
-        "label-estimation",
-    ]
+    assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in triton] == sorted(
+        c.name for c in BUILT_IN
+    )
     assert not any(o.startswith("NetworkPolicy/") for o in render("--set", "networkPolicy.enabled=false"))
 
 

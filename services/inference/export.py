@@ -90,6 +90,7 @@ def register_onnx_model(
             instance_kind=instance_kind,
             instance_count=instance_count,
         )
+        os.chmod(staged, 0o644)  # mkstemp makes it 0600; the repository is read by Triton as another user
         os.replace(staged, target)
     finally:
         staged.unlink(missing_ok=True)

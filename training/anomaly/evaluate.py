@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -222,7 +221,7 @@ def ship(args, task, plan, name, onnx_bytes, metas, scores, validation, results,
         for m in metas
     )
     cfg = load_flow((args.glow if name == "glow" else args.normal) / "flow.pt")[0].config()
-    path = register_onnx_model(
+    register_onnx_model(
         args.repository,
         task.model_name(name),
         onnx_bytes,
@@ -239,10 +238,8 @@ def ship(args, task, plan, name, onnx_bytes, metas, scores, validation, results,
             f"in [0,1] (services.anomaly.preprocess), outputs log p(x) in nats. Trainings: {flows}."
         ),
         max_batch_size=8,
-        instance_kind="KIND_CPU",
         extra={"calibration": calibration.to_json(), "score_units": "bits/dim", "trainings": metas},
     )
-    os.chmod(path, 0o644)  # the registry stages through a private temp file; the repository is shared
     print(f"shipped {task.model_name(name)}")
 
 
