@@ -49,6 +49,17 @@ def test_each_layer_inverts(dims):
         assert logdet.shape == (2,)
 
 
+def test_a_saturated_coupling_keeps_a_finite_log_determinant():
+    """Far from the training data the coupling's raw scale can reach -200: sigmoid is 0 in float32 there,
+    log(sigmoid) would be -inf; the log-determinant must stay the finite -198 per scaled element."""
+    coupling = AffineCoupling(2, 4, 2).eval()
+    with torch.no_grad():
+        coupling.net[-1].conv.bias[1::2] = -202.0  # raw + 2 = -200 for the scale channel
+    _, logdet = coupling(torch.zeros(1, 2, 4, 4))
+    assert torch.isfinite(logdet).all()
+    assert logdet.item() == pytest.approx(-200.0 * 16, rel=1e-4)
+
+
 def test_actnorm_initialises_from_the_first_batch():
     x = 3.0 + 5.0 * torch.randn(16, 4, 8, 8)
     layer = ActNorm(4, 2).train()

@@ -156,7 +156,9 @@ class ZeroConv(nn.Module):
 
 class AffineCoupling(nn.Module):
     """x = (a, b) → (a, (b + shift(a)) · scale(a)), scale = sigmoid(raw + 2) ∈ (0, 1): bounded, so a
-    step can never blow up, and log|det| = Σ log scale."""
+    step can never blow up, and log|det| = Σ log scale. log scale is computed as logsigmoid, never as
+    log(sigmoid): on an image far from the training data (pure noise) sigmoid underflows to 0 in float32
+    and log(0) = -inf, which the first shipped cxr-anomaly exports still do."""
 
     def __init__(self, channels: int, hidden: int, dims: int) -> None:
         super().__init__()
@@ -171,26 +173,26 @@ class AffineCoupling(nn.Module):
         )
         self.half = half
 
-    def _scale_shift(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _log_scale_shift(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.net(a)
         shift, raw = h[:, 0::2], h[:, 1::2]
-        return torch.sigmoid(raw + 2.0), shift
+        return nn.functional.logsigmoid(raw + 2.0), shift
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = x[:, : self.half], x[:, self.half :]
-        scale, shift = self._scale_shift(a)
-        return torch.cat([a, (b + shift) * scale], 1), _sum_per_sample(torch.log(scale))
+        log_scale, shift = self._log_scale_shift(a)
+        return torch.cat([a, (b + shift) * torch.exp(log_scale)], 1), _sum_per_sample(log_scale)
 
     def forward_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """As ``forward``, with the log-det per position (n, 1, *spatial) instead of per sample."""
         a, b = x[:, : self.half], x[:, self.half :]
-        scale, shift = self._scale_shift(a)
-        return torch.cat([a, (b + shift) * scale], 1), torch.log(scale).sum(1, keepdim=True)
+        log_scale, shift = self._log_scale_shift(a)
+        return torch.cat([a, (b + shift) * torch.exp(log_scale)], 1), log_scale.sum(1, keepdim=True)
 
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
         a, b = y[:, : self.half], y[:, self.half :]
-        scale, shift = self._scale_shift(a)
-        return torch.cat([a, b / scale - shift], 1)
+        log_scale, shift = self._log_scale_shift(a)
+        return torch.cat([a, b * torch.exp(-log_scale) - shift], 1)
 
 
 class FlowStep(nn.Module):
