@@ -494,3 +494,12 @@ def test_batch_job_command_parses_with_the_cli():
     parsed = build_parser().parse_args(args)
     assert (parsed.command, parse_shard(parsed.shard)) == ("detect", Shard(3, 8))
     assert str(parsed.manifest) == "/data/in/manifest.csv" and parsed.image is None
+    scored = render(
+        *VALUES["batch"], "--set", "batch.command=score", "--set", "batch.args={--task,cxr-anomaly}"
+    )
+    args = [
+        a.replace("$(SHARD)", "5")
+        for a in scored["Job/t-batch"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    ]
+    parsed = build_parser().parse_args(args)
+    assert (parsed.command, parsed.task, parse_shard(parsed.shard)) == ("score", "cxr-anomaly", Shard(5, 8))
