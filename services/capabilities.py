@@ -103,6 +103,12 @@ BUILT_IN: tuple[Capability, ...] = (
                 "EstimateUpload",
                 "The same, for an uploaded NIfTI/NRRD/MHA/DICOM file or DICOM zip (multipart)",
             ),
+            HttpBinding(
+                "POST",
+                "/v1/labels:toPacs",
+                "EstimateToPacs",
+                "Estimate on a series of a configured DICOMweb server; store SEG/SR back there (STOW-RS)",
+            ),
             HttpBinding("POST", "/v1/labels:estimateDose", "EstimateDose", "Lesion labels from an RT Dose"),
             HttpBinding("GET", "/v1/labels:describe", "Describe", "Methods offered and model versions"),
         ),

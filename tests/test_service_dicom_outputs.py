@@ -389,7 +389,7 @@ def test_estimate_over_http_json_returns_seg_and_sr(stack, ct_series, ct_image, 
         "image": {
             "file": {"filename": "ct.zip", "content": base64.b64encode(zip_folder(ct_series)).decode()}
         },
-        "lesions": [{"lesion_id": 3, "center_mm": center, "diameter_mm": 18.0}],
+        "lesions": [{"lesion_id": 3, "center_mm": center, "diameter_mm": 18.0, "lesion_type": "part-solid"}],
         "method": "sphere",
         "outputs": ["DICOM_SEG", "DICOM_SR"],
     }
@@ -397,6 +397,8 @@ def test_estimate_over_http_json_returns_seg_and_sr(stack, ct_series, ct_image, 
     assert status == 200, answer
     response = json_format.ParseDict(answer, lpb.EstimateResponse())
     _assert_estimation_outputs(response, ct_image, inherited, tmp_path)
+    seg = pydicom.dcmread(io.BytesIO(response.dicom_seg))
+    assert [s.SegmentDescription for s in seg.SegmentSequence] == ["part-solid"]  # the prompt's type
 
 
 def test_estimate_upload_of_one_multiframe_file_over_http_returns_seg_and_sr(stack, sample, tmp_path):

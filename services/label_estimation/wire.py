@@ -43,6 +43,27 @@ def prompts_from_proto(
     return prompts
 
 
+#: A lesion type is free text (the manifest's vocabulary), bounded like SEG's segment description.
+MAX_LESION_TYPE_CHARS = 64
+
+
+def lesion_types(lesions: Sequence[pb.LesionPrompt]) -> dict[int, str]:
+    """``lesion_id`` → its prompt's ``lesion_type`` (only the prompts that give one), checked:
+    printable text of at most :data:`MAX_LESION_TYPE_CHARS` characters (it goes into DICOM)."""
+    types = {}
+    for index, lesion in enumerate(lesions):
+        text = lesion.lesion_type.strip()
+        if not text:
+            continue
+        if len(text) > MAX_LESION_TYPE_CHARS or not text.isprintable() or "\\" in text:
+            raise InputError(
+                f"must be printable text of at most {MAX_LESION_TYPE_CHARS} characters, without a backslash",
+                field=f"lesions[{index}].lesion_type",
+            )
+        types[lesion.lesion_id] = text
+    return types
+
+
 def prompts_to_proto(prompts: Sequence[LesionPrompt]) -> list[pb.LesionPrompt]:
     return [
         pb.LesionPrompt(

@@ -28,7 +28,6 @@ import pydicom
 from services.api.convert import volume_to_proto
 from services.api.pb import common_pb2, pacs_pb2
 from services.api.pb import detection_pb2 as pb
-from services.api.sources import configured_dicomweb_server
 from services.api.status import PreconditionError
 from services.api.upload import upload_shape
 from services.cade.cutoff import Cutoff, detect_at
@@ -36,20 +35,14 @@ from services.cade.model import CadeModel
 from services.cade.pipeline import DetectionResult
 from services.cade.tasks import TASKS, CadeTask, task_named
 from services.core.errors import InputError
-from services.core.uids import check_uid
 from services.core.version import software_version
 from services.core.volume import Volume
-from services.core.work_budget import remaining_s
-from services.servers import dicom_outputs
+from services.servers import dicom_outputs, pacs_calls
 from services.servers.dicom_outputs import NO_OUTPUTS, DicomOutputsServicer, Outputs
 from services.servers.observability import INFERENCE
 from services.servers.scaffold import MethodStatus, ServiceSettings
 
 UPLOAD = upload_shape(pb.DetectUploadMessage.DESCRIPTOR)
-#: A DetectToPacs call's DICOMweb requests wait at most this long each, and the whole round trip
-#: this long — never past the request's own deadline.
-PACS_CALL_TIMEOUT_S = 60.0
-PACS_TOTAL_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -182,42 +175,19 @@ class DetectionServicer(DicomOutputsServicer):
         model; everything checked (server, UIDs, task, cut-off, model) before a byte is fetched."""
         from services.pacs.run import PacsRunRequest, run_pacs
 
-        base = configured_dicomweb_server(
-            request.series.base_url, self.settings.dicomweb_servers, "series.base_url"
-        )
-        check_uid(request.series.study_instance_uid, "series.study_instance_uid")
-        check_uid(request.series.series_instance_uid, "series.series_instance_uid")
+        base, study, series = pacs_calls.checked_series(request.series, self.settings.dicomweb_servers)
         task = task_named(request.task)
         run = PacsRunRequest(
             url=base,
-            study=request.series.study_instance_uid,
-            series=request.series.series_instance_uid,
+            study=study,
+            series=series,
             task=task.name,
             threshold=request.threshold if request.HasField("threshold") else None,
             fp_rate=request.fp_rate if request.HasField("fp_rate") else None,
-            timeout_s=remaining_s(PACS_CALL_TIMEOUT_S),
-            total_timeout_s=remaining_s(PACS_TOTAL_TIMEOUT_S),
+            **pacs_calls.call_timeouts(),
         )
         run.check()
-        result = run_pacs(run, model=self._model(task))
-        return pacs_pb2.PacsStoreResponse(
-            task=result.task,
-            instances_fetched=result.instances_fetched,
-            findings=result.findings,
-            model_version=result.model_version,
-            stored=[
-                pacs_pb2.PacsStoredObject(
-                    kind=o.kind,
-                    sop_class_uid=o.sop_class_uid,
-                    series_instance_uid=o.series_instance_uid,
-                    sop_instance_uid=o.sop_instance_uid,
-                    found=o.found,
-                )
-                for o in result.stored
-            ],
-            all_found=result.all_found,
-            software_version=software_version(),
-        )
+        return pacs_calls.store_response(run_pacs(run, model=self._model(task)))
 
     def _detect(self, prepared: _Prepared, image: Volume | None) -> pb.DetectResponse:
         headers = prepared.headers

@@ -3,7 +3,10 @@
 Slots, uploads, deadlines, error mapping, metrics and ``Describe`` come from the scaffold
 (:mod:`services.servers.scaffold`); this module only says what each RPC computes. ``outputs`` adds
 the lesions' DICOM SEG and their measurements' SR (TID 1500), as ``wlcad estimate --seg --sr`` writes
-them (:mod:`services.servers.dicom_outputs`).
+them (:mod:`services.servers.dicom_outputs`), each lesion typed by its prompt's ``lesion_type``.
+``EstimateToPacs`` is ``wlcad pacs run --task label-estimation`` itself on a series of one of the
+service's configured DICOMweb servers (:mod:`services.servers.pacs_calls`): fetch, estimate at the
+prompts, STOW-RS of the SEG/SR into the source's study, QIDO-RS to find them; never retried.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from scipy import ndimage
 
 from services.api.convert import measurements_to_proto, pack_mask, volume_to_proto
 from services.api.pb import label_estimation_pb2 as pb
+from services.api.pb import pacs_pb2
 from services.api.sources import request_temp_dir
 from services.api.status import PreconditionError
 from services.api.upload import upload_shape
@@ -32,8 +36,8 @@ from services.core.work_budget import checkpoint
 from services.label_estimation.dose import Isodose, dose_labels, read_rtdose
 from services.label_estimation.methods import METHODS, Method, method_named
 from services.label_estimation.pipeline import LabelEstimator, LesionEstimate
-from services.label_estimation.wire import estimate_to_proto, prompts_from_proto
-from services.servers import dicom_outputs
+from services.label_estimation.wire import estimate_to_proto, lesion_types, prompts_from_proto
+from services.servers import dicom_outputs, pacs_calls
 from services.servers.dicom_outputs import NO_OUTPUTS, DicomOutputsServicer, Outputs
 from services.servers.observability import INFERENCE
 from services.servers.scaffold import MethodStatus, ServiceSettings
@@ -71,6 +75,11 @@ class LabelEstimationServicer(DicomOutputsServicer):
     def EstimateUpload(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> pb.EstimateResponse:  # noqa: N802 - gRPC names
         return self.handle_upload("EstimateUpload", context, messages, UPLOAD, self._prepare, self._estimate)
 
+    def EstimateToPacs(  # noqa: N802 - gRPC names
+        self, request: pb.PacsEstimateRequest, context: grpc.ServicerContext
+    ) -> pacs_pb2.PacsStoreResponse:
+        return self.handle("EstimateToPacs", context, lambda: self._to_pacs(request))
+
     def EstimateDose(self, request: pb.DoseRequest, context: grpc.ServicerContext) -> pb.DoseResponse:  # noqa: N802 - gRPC names
         return self.handle("EstimateDose", context, lambda: self._dose(request))
 
@@ -101,8 +110,12 @@ class LabelEstimationServicer(DicomOutputsServicer):
         return _Prepared(request, method, self._estimator(method), prompts, outputs)
 
     def _estimator(self, method: Method) -> LabelEstimator:
+        return LabelEstimator(self._bound_model(method))
+
+    def _bound_model(self, method: Method):
+        """The method's model, loaded on first use and kept; None for a rule-based method."""
         if method.model is None:
-            return LabelEstimator()
+            return None
         with self._models_lock:
             if method.model not in self._models:
                 status = self.model_status(method.name, method.model)
@@ -111,7 +124,42 @@ class LabelEstimationServicer(DicomOutputsServicer):
                 from services.label_estimation.model import UnetModel
 
                 self._models[method.model] = UnetModel(self.settings.inference_setting, self.repository)
-            return LabelEstimator(self._models[method.model])
+            return self._models[method.model]
+
+    def _to_pacs(self, request: pb.PacsEstimateRequest) -> pacs_pb2.PacsStoreResponse:
+        """``wlcad pacs run --task label-estimation`` for one of the configured DICOMweb servers, on
+        this service's bound model; server, UIDs, method, prompts and model checked before a byte is
+        fetched."""
+        from services.pacs.prompts import PromptSpec
+        from services.pacs.run import LABEL_ESTIMATION, PacsRunRequest, run_pacs
+
+        base, study, series = pacs_calls.checked_series(request.series, self.settings.dicomweb_servers)
+        method = method_named(request.method)
+        prompts = prompts_from_proto(request.lesions)
+        types = lesion_types(request.lesions)
+        for index, prompt in enumerate(prompts):
+            if prompt.axes_mm is not None:
+                raise InputError(
+                    "is not taken by EstimateToPacs (sphere diameters only)",
+                    field=f"lesions[{index}].axes_mm",
+                )
+        specs = tuple(
+            PromptSpec(
+                p.lesion_id, p.diameter_mm, center_mm=p.center_mm, lesion_type=types.get(p.lesion_id, "")
+            )
+            for p in prompts
+        )
+        run = PacsRunRequest(
+            url=base,
+            study=study,
+            series=series,
+            task=LABEL_ESTIMATION,
+            prompts=specs,
+            method=method.name,
+            **pacs_calls.call_timeouts(),
+        )
+        run.check()
+        return pacs_calls.store_response(run_pacs(run, model=self._bound_model(method)))
 
     def _estimate(self, prepared: _Prepared, image: Volume | None) -> pb.EstimateResponse:
         headers = prepared.headers
@@ -130,7 +178,8 @@ class LabelEstimationServicer(DicomOutputsServicer):
             grid=volume_to_proto(image, with_data=False),
         )
         if prepared.outputs.any:
-            _add_outputs(response, prepared.outputs, estimates, image, headers or [])
+            types = lesion_types(prepared.request.lesions)
+            _add_outputs(response, prepared.outputs, estimates, image, headers or [], types)
             dicom_outputs.check_size(response)
         return response
 
@@ -183,6 +232,7 @@ def _add_outputs(
     estimates: list[LesionEstimate],
     image: Volume,
     headers: list[pydicom.Dataset],
+    types: dict[int, str],
 ) -> None:
     """The SEG of the non-empty lesions and, when asked, the SR of their measurements on it; both
     left empty when every lesion came out empty (a SEG needs a segment; each lesion's QC says so)."""
@@ -191,7 +241,7 @@ def _add_outputs(
     if not any(e.mask.voxel_count for e in estimates):
         return
     with dicom_outputs.remapped(), dicom_outputs.header_folder(headers) as folder:
-        seg = dicom_seg_bytes(image, estimates, folder)
+        seg = dicom_seg_bytes(image, estimates, folder, types)
         response.dicom_seg = seg
         if outputs.sr:
-            response.dicom_sr = dicom_sr_bytes(image, estimates, folder, seg)
+            response.dicom_sr = dicom_sr_bytes(image, estimates, folder, seg, types)
