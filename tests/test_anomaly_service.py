@@ -30,6 +30,7 @@ from services.cli.main import main as wlcad
 from services.core.io import write_image
 from services.core.volume import Volume
 from services.inference.factory import default_repository
+from services.inference.repository import ModelRepository
 from tests.serving_support import REPO_ROOT, Process, free_port, wait_serving
 from training.data.dataset import generate_case
 
@@ -38,6 +39,11 @@ UPLOAD = upload_shape(pb.ScoreUploadMessage.DESCRIPTOR)
 CXR, CT = "cxr-anomaly", "head-ct-anomaly"
 TEST_SEED = 1303  # training/anomaly/tasks.py: never used for training or selection
 NORMAL_CASE, EFFUSION_CASE = 0, 11  # of the test seed (tests/test_anomaly_shipped.py)
+
+
+def shipped_version(name: str) -> str:
+    """``name/<newest version>`` of the shipped model (what the scorer binds)."""
+    return f"{name}/{max(ModelRepository(default_repository()).versions(name))}"
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +129,7 @@ def test_score_over_grpc_ranks_the_effusion_above_the_normal_and_equals_the_cli(
     assert (normal.task, normal.model, normal.model_version) == (
         CXR,
         "two-flow",
-        "anomaly_cxr-anomaly_two-flow/1",
+        shipped_version("anomaly_cxr-anomaly_two-flow"),
     )
     assert normal.units == "bits/dim" and normal.calibration_normals == 56
     assert effusion.score > normal.score and np.isfinite([effusion.score, effusion.z, normal.z]).all()
@@ -253,7 +259,7 @@ def test_a_model_not_in_the_repository_is_unavailable_until_registered(stack, re
     assert (
         two_flow.available
         and two_flow.is_default
-        and two_flow.model_version == "anomaly_cxr-anomaly_two-flow/1"
+        and two_flow.model_version == shipped_version("anomaly_cxr-anomaly_two-flow")
     )
     assert (
         two_flow.calibration_normals == 56
@@ -277,7 +283,7 @@ def test_a_model_not_in_the_repository_is_unavailable_until_registered(stack, re
         default_repository() / "anomaly_cxr-anomaly_glow", repository / "anomaly_cxr-anomaly_glow"
     )
     glow = stub.Score(_volume_request(radiograph, model="glow"), timeout=60)
-    assert glow.model_version == "anomaly_cxr-anomaly_glow/1" and set(glow.components) == {
+    assert glow.model_version == shipped_version("anomaly_cxr-anomaly_glow") and set(glow.components) == {
         "nll_flow_bits_per_dim"
     }
     assert glow.score == pytest.approx(glow.components["nll_flow_bits_per_dim"], abs=1e-9)
