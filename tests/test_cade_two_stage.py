@@ -197,3 +197,68 @@ def test_a_shipped_classifier_is_bound_to_the_shipped_u_net():
         entry = card["versions"][str(model.classifier.number)]
         assert entry["extra"]["first_stage_model"] == model.unet_version
         assert model.default_threshold() == pytest.approx(entry["extra"]["operating_points"]["4"])
+
+
+# ----------------------------------------------------------------------------- reader feedback
+def _manifest_with_feedback_columns(rows: list[dict], path: Path) -> Path:
+    """A manifest as ``wlcad feedback ingest`` grows it: the core columns, then its own."""
+    import csv
+
+    from services.core.manifest import COLUMNS
+
+    with path.open("w", newline="") as out:
+        writer = csv.DictWriter(
+            out, fieldnames=[*COLUMNS, "label_source", "hard_negative"], lineterminator="\n"
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_reader_feedback_becomes_positive_and_hard_negative_cubes(tmp_path):
+    """training/cade/fpr.py --feedback-manifest: a manifest grown by ``wlcad feedback ingest`` gives a
+    positive cube at its lesion and a hard negative at the candidate the reader rejected, through the
+    served first stage; the cache is keyed by the manifest's bytes."""
+    from services.core.io import write_image
+    from training.cade.evaluate import onnx_detector
+    from training.cade.fpr import SHIFT_VOXELS, VoiSet, feedback_vois
+    from training.cade.samples import manifest_cases
+    from training.cade.tasks import get_task
+
+    task = get_task(CHEST_CT_NODULE.name)
+    image = Grid((48, 64, 96), (1.5, 1.5, 1.5)).with_array(
+        (chest([((24, 30, 30), 4.0, 0.6)]) * 1400.0 - 1000.0).astype(np.int16), modality="CT"
+    )
+    write_image(image, tmp_path / "case.nii.gz")
+    lesion_mm = [float(v) for v in image.index_to_world([30, 30, 24])]
+    rejected_mm = [float(v) for v in image.index_to_world([70, 40, 20])]
+    common = {
+        "case_id": "c1",
+        "image": "case.nii.gz",
+        "abnormal": "true",
+        "hard_negative": "",
+        "label_source": "",
+    }
+    manifest = _manifest_with_feedback_columns(
+        [
+            {**common, "lesion_id": 1, "center_x_mm": lesion_mm[0], "center_y_mm": lesion_mm[1],
+             "center_z_mm": lesion_mm[2], "diameter_mm": 12.0, "lesion_type": "solid"},
+            {**common, "center_x_mm": rejected_mm[0], "center_y_mm": rejected_mm[1], "center_z_mm": rejected_mm[2],
+             "diameter_mm": 6.0, "lesion_type": "normal", "hard_negative": "true", "label_source": "reader-fp"},
+        ],
+        tmp_path / "grown.csv",
+    )  # fmt: skip
+    (case,) = manifest_cases(manifest)
+    unet = SHIPPED / CHEST_CT_NODULE.model_name / "1" / "model.onnx"
+    spec = CHEST_CT_NODULE.spec.rerank
+    voiset = feedback_vois(onnx_detector(task, unet, 1), spec, case)
+    size = spec.voi_voxels + 2 * SHIFT_VOXELS
+    assert voiset.vois.shape == (2, 2, size, size, size)
+    assert voiset.labels.tolist() == [1, 0] and voiset.hard.tolist() == [False, True]
+    assert voiset.diameters_mm.tolist() == [12.0, 0.0]
+    centre = voiset.vois[0, 0, size // 2, size // 2, size // 2]
+    assert float(centre) == pytest.approx(0.6, abs=0.05)  # the nodule's working intensity at its centre
+    voiset.save(tmp_path / "cache.npz", "key-a")
+    again = VoiSet.load(tmp_path / "cache.npz", "key-a")
+    assert again is not None and again.hard.tolist() == [False, True]
+    assert VoiSet.load(tmp_path / "cache.npz", "key-b") is None  # another manifest: extracted again

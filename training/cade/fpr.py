@@ -16,6 +16,10 @@ One command::
    intensity and probability a cube shows) on (working image, U-Net probability) cubes, BCE, AdamW with a
    cosine schedule, a quarter of each batch positive; augmentation by shifts of ±2 voxels, flips and
    in-plane transposes (the cube is cut 4 voxels larger and cropped at random).
+   ``--feedback-manifest M`` adds reader feedback (a manifest grown by ``wlcad feedback ingest``): a
+   positive cube at each of its lesions and a negative one at each ``hard_negative`` row (a candidate
+   a reader rejected), nothing else from those cases (only what a reader said is a label); a
+   ``--hard-negative-share`` of each batch's negatives is drawn from the rejected candidates.
 3. **Export and card.** ONNX (``image`` (n, 2, s, s, s) → ``logits`` (n, 1)) to
    ``<repository>/cade_<task>_fpr/<version>/``; the two-stage detector (served code, onnxruntime)
    is then evaluated: operating points on the validation seed, FROC on the test and hybrid-test seeds.
@@ -24,6 +28,7 @@ One command::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
@@ -82,6 +87,10 @@ class FprSettings:
     seed: int = 0
     threads: int = 1
     repository: Path | None = None
+    #: A manifest of reader feedback (``wlcad feedback ingest``): its lesions and hard negatives.
+    feedback_manifest: Path | None = None
+    #: The share of each batch's negatives drawn from the feedback's hard negatives (when it has any).
+    hard_negative_share: float = 0.25
     command: str = ""
 
     def check(self) -> None:
@@ -90,22 +99,79 @@ class FprSettings:
         for name in ("train_cases", "steps", "batch_size", "negatives_per_case", "threads"):
             if getattr(self, name) < 1:
                 raise InputError("must be ≥ 1", field=name)
+        if self.feedback_manifest is not None and not Path(self.feedback_manifest).is_file():
+            raise InputError(f"{self.feedback_manifest} is not a file", field="feedback_manifest")
+        if not 0.0 <= self.hard_negative_share < 1.0:
+            raise InputError("must be in [0, 1)", field="hard_negative_share")
 
 
 @dataclass(frozen=True)
 class VoiSet:
-    """Training cubes: ``vois`` float16 (n, 2, s + 4, s + 4, s + 4), ``labels`` 1 = lesion, and the
-    matched lesion's diameter (0 for a negative)."""
+    """Training cubes: ``vois`` float16 (n, 2, s + 4, s + 4, s + 4), ``labels`` 1 = lesion, the
+    matched lesion's diameter (0 for a negative) and ``hard``: a negative a reader rejected."""
 
     vois: np.ndarray
     labels: np.ndarray
     diameters_mm: np.ndarray
+    hard: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.hard is None:
+            object.__setattr__(self, "hard", np.zeros(len(self.labels), dtype=bool))
 
     @staticmethod
     def concat(parts: list[VoiSet]) -> VoiSet:
         return VoiSet(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("vois", "labels", "diameters_mm"))
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in ("vois", "labels", "diameters_mm", "hard")
+            )
         )
+
+    def save(self, path: Path, key: str) -> None:
+        staged = path.with_suffix(".tmp.npz")
+        np.savez(
+            staged,
+            key=key,
+            vois=self.vois,
+            labels=self.labels,
+            diameters_mm=self.diameters_mm,
+            hard=self.hard,
+        )
+        staged.replace(path)
+
+    @staticmethod
+    def load(path: Path, key: str) -> VoiSet | None:
+        """The cached set when ``path`` holds one made with ``key``."""
+        if not path.is_file():
+            return None
+        with np.load(path) as stored:
+            if str(stored["key"]) != key:
+                return None
+            hard = stored["hard"] if "hard" in stored.files else None
+            return VoiSet(stored["vois"], stored["labels"], stored["diameters_mm"], hard)
+
+
+def feedback_vois(detector: Detector, spec: RerankSpec, case: CaseRows) -> VoiSet | None:
+    """A reader-feedback case's cubes: positive at each lesion, negative (``hard``) at each rejected
+    candidate; None when it has neither."""
+    points = [(p, 1) for p in case.prompts] + [(p, 0) for p in case.hard_negatives]
+    if not points:
+        return None
+    working, probability = detector.working_and_probability(read_image(case.image))
+    grid = working.grid
+    voxels = [
+        tuple(
+            int(v)
+            for v in np.clip(np.rint(grid.world_to_index(p.center_mm))[::-1], 0, np.asarray(grid.shape) - 1)
+        )
+        for p, _ in points
+    ]
+    size = spec.voi_voxels + 2 * SHIFT_VOXELS
+    cubes = voi_batch((np.asarray(working.array), np.asarray(probability.array)), np.array(voxels), size)
+    labels = np.array([label for _, label in points], np.uint8)
+    diameters = np.array([p.diameter_mm if label else 0.0 for p, label in points], np.float32)
+    return VoiSet(cubes.astype(np.float16), labels, diameters, labels == 0)
 
 
 def case_vois(
@@ -151,6 +217,25 @@ def case_vois(
 
 def collect(task: CadeTask, settings: FprSettings, detector: Detector) -> VoiSet:
     """The cubes of every training case (cached in ``out/vois.npz``: extraction is most of the time)."""
+    voiset = _phantom_vois(task, settings, detector)
+    if settings.feedback_manifest is None:
+        return voiset
+    manifest = Path(settings.feedback_manifest)
+    cache = Path(settings.out) / "feedback_vois.npz"
+    key = json.dumps([hashlib.sha256(manifest.read_bytes()).hexdigest(), str(settings.unet)])
+    feedback = VoiSet.load(cache, key)
+    if feedback is None:
+        assert detector.spec.rerank is not None
+        parts = [feedback_vois(detector, detector.spec.rerank, case) for case in manifest_cases(manifest)]
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            raise InputError("holds no lesion and no hard negative", field="feedback_manifest")
+        feedback = VoiSet.concat(parts)
+        feedback.save(cache, key)
+    return VoiSet.concat([voiset, feedback])
+
+
+def _phantom_vois(task: CadeTask, settings: FprSettings, detector: Detector) -> VoiSet:
     cache = Path(settings.out) / "vois.npz"
     key = json.dumps(
         [
@@ -161,10 +246,9 @@ def collect(task: CadeTask, settings: FprSettings, detector: Detector) -> VoiSet
             str(settings.unet),
         ]
     )
-    if cache.is_file():
-        stored = np.load(cache)
-        if str(stored["key"]) == key:
-            return VoiSet(stored["vois"], stored["labels"], stored["diameters_mm"])
+    cached = VoiSet.load(cache, key)
+    if cached is not None:
+        return cached
     data = Path(settings.out) / "data"
     cases = manifest_cases(phantom_split(task, "train", settings.train_skip + settings.train_cases, data))
     cases = cases[settings.train_skip :]
@@ -177,7 +261,7 @@ def collect(task: CadeTask, settings: FprSettings, detector: Detector) -> VoiSet
         for case in tqdm(cases, desc="VOIs", unit="case", file=sys.stderr, mininterval=30.0)
     ]
     voiset = VoiSet.concat(parts)
-    np.savez(cache, key=key, vois=voiset.vois, labels=voiset.labels, diameters_mm=voiset.diameters_mm)
+    voiset.save(cache, key)
     return voiset
 
 
@@ -213,19 +297,26 @@ def fit(voiset: VoiSet, settings: FprSettings, voi: int) -> tuple[torch.nn.Modul
     network = classifier_network(voi)
     optimiser = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, settings.steps)
-    positives, negatives = np.flatnonzero(voiset.labels == 1), np.flatnonzero(voiset.labels == 0)
+    positives = np.flatnonzero(voiset.labels == 1)
+    negatives = np.flatnonzero((voiset.labels == 0) & ~voiset.hard)
+    hard = np.flatnonzero(voiset.hard)
     if not len(positives) or not len(negatives):
         raise InputError(
             f"needs positives and negatives, got {len(positives)} and {len(negatives)}", field="cases"
         )
     n_pos = max(1, settings.batch_size // 4)
+    n_hard = round(settings.hard_negative_share * (settings.batch_size - n_pos)) if len(hard) else 0
     loss_fn = torch.nn.BCEWithLogitsLoss()
     losses: list[float] = []
     started = time.perf_counter()
     network.train()
     for _ in tqdm(range(settings.steps), desc="classifier", unit="step", file=sys.stderr, mininterval=30.0):
         pick = np.concatenate(
-            [rng.choice(positives, n_pos), rng.choice(negatives, settings.batch_size - n_pos)]
+            [
+                rng.choice(positives, n_pos),
+                rng.choice(hard, n_hard) if n_hard else np.zeros(0, np.int64),
+                rng.choice(negatives, settings.batch_size - n_pos - n_hard),
+            ]
         )
         batch = torch.from_numpy(augmented(voiset.vois[pick].astype(np.float32), voi, rng))
         target = torch.from_numpy(voiset.labels[pick].astype(np.float32))[:, None]
@@ -281,6 +372,7 @@ def train_fpr(settings: FprSettings) -> Path:
     metrics = {
         "training_vois": float(len(voiset.labels)),
         "training_positive_vois": float(voiset.labels.sum()),
+        "training_hard_negative_vois": float(voiset.hard.sum()),
         "training_extraction_seconds": round(extraction_s, 1),
         "training_seconds": round(seconds, 1),
         "training_steps": float(settings.steps),
@@ -297,6 +389,12 @@ def train_fpr(settings: FprSettings) -> Path:
         f"operating points: validation seed {seeds.validation} × {settings.validation_cases}; held out: test seed "
         f"{seeds.test} × {settings.test_cases}, hybrid-test seed {seeds.hybrid_test} × {settings.hybrid_test_cases}"
     )
+    if settings.feedback_manifest is not None:
+        manifest = Path(settings.feedback_manifest)
+        data += (
+            f"; reader feedback {manifest.name} (sha256 {hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]}): "
+            f"{int(voiset.hard.sum())} rejected candidates as hard negatives"
+        )
     first_stage = _first_stage_version(Path(settings.unet), task)
     path = register_onnx_model(
         settings.repository or out / "model_repository",
@@ -352,9 +450,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repository", type=Path, default=None, help="register here (default OUT/model_repository)"
     )
+    parser.add_argument(
+        "--feedback-manifest",
+        type=Path,
+        default=None,
+        help="reader feedback (wlcad feedback ingest): its lesions as positives, hard negatives as negatives",
+    )
     for name in (
         "task", "train_skip", "train_cases", "hybrid_train_cases", "validation_cases", "test_cases",
         "hybrid_test_cases", "negatives_per_case", "steps", "batch_size", "learning_rate", "seed", "threads",
+        "hard_negative_share",
     ):  # fmt: skip
         value = getattr(defaults, name)
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
