@@ -17,7 +17,7 @@ from services.inference.export import register_onnx_model
 from tests.conftest import REPO_ROOT
 from tests.test_detect_cli import CARD, blob_scorer_onnx
 
-SMALL = ["--size", "80", "80", "48", "--cxr-size", "192", "160"]
+SMALL = ["--size", "80", "80", "48", "--cxr-size", "192", "160", "--mra-size", "96", "96", "48"]
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
@@ -35,6 +35,9 @@ def repository(tmp_path_factory) -> Path:
     register_onnx_model(
         root, "cade_cxr-mass", blob_scorer_onnx(2, None), metrics={}, max_batch_size=2, **CARD
     )
+    register_onnx_model(
+        root, "cade_head-mra-aneurysm", blob_scorer_onnx(3, 64), metrics={}, max_batch_size=4, **CARD
+    )
     return root
 
 
@@ -50,6 +53,9 @@ def test_bench_times_ct_detection_next_to_monai_and_radiographs(repository: Path
     assert "wlcad tiling alone (numpy, onnxruntime)" in out
     assert re.search(r"ratio MONAI / wlcad tiling: \d+\.\d\d×", out), out
     assert "per radiograph (2 × 192×160, cade_cxr-mass/1" in out
+    assert re.search(
+        r"per head MRA \(96×96×48, [0-9.×]+ mm, cade_head-mra-aneurysm/1, from a file\): \d", out
+    ), out
 
 
 def test_bench_runs_the_training_checkpoint_with_the_served_weights(tmp_path: Path) -> None:

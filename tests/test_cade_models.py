@@ -50,7 +50,9 @@ def test_the_card_records_provenance_metrics_and_operating_points(task_name: str
     assert points["1"] >= points["2"] >= points["4"]  # more FP allowed → a lower cut-off
     with CadeModel(task, repository=REPOSITORY) as model:
         if model.classifier is not None:  # a two-stage detector ranks by its classifier: its card's points
-            classifier = ModelCard.read(REPOSITORY / model.classifier.name).versions[str(model.classifier.number)]
+            classifier = ModelCard.read(REPOSITORY / model.classifier.name).versions[
+                str(model.classifier.number)
+            ]
             points = classifier.extra["operating_points"]
             assert classifier.extra["first_stage_model"] == f"{task.model_name}/{version}"
         assert model.default_threshold() == pytest.approx(points[f"{task.default_fp_rate:g}"])

@@ -117,7 +117,7 @@ def test_train_validation_and_test_seeds_are_disjoint() -> None:
         seeds = [task.seeds.of(split) for split in SPLITS]
         assert len(set(seeds)) == len(seeds), task.name
     with pytest.raises(InputError) as error:
-        DataSeeds(train=1, validation=2, test=1, hybrid_test=3, hybrid_train=4)
+        DataSeeds(train=1, validation=2, test=1, hybrid_test=3, hybrid_train=4, feedback=5)
     assert error.value.field == "seeds"
 
 

@@ -318,7 +318,7 @@ def test_the_result_types_refuse_what_the_contract_forbids() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task", ["chest-ct-nodule", "cxr-mass", "label-estimation"])
+@pytest.mark.parametrize("task", ["chest-ct-nodule", "cxr-mass", "head-mra-aneurysm", "label-estimation"])
 def test_build_plugin_writes_a_valid_plugin_json_and_a_clean_dockerfile(task, tmp_path) -> None:
     done = run_cli("circus", "build-plugin", "--task", task, "--out", str(tmp_path), "--version", "1.2.3",
                    "--remote-endpoint", "https://cad.example.org/wlcad")  # fmt: skip

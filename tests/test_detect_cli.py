@@ -294,10 +294,11 @@ def test_bad_input_through_the_real_cli_is_one_line(repository, images, tmp_path
 
 # ------------------------------------------------------------------------------------------ API
 def test_task_registry_and_model_binding(repository):
-    assert set(TASKS) == {"chest-ct-nodule", "cxr-mass"}
-    ct, cxr = task_named("chest-ct-nodule"), task_named("cxr-mass")
-    assert (ct.dims, ct.model_name) == (3, "cade_chest-ct-nodule")
-    assert (cxr.dims, cxr.model_name) == (2, "cade_cxr-mass")
+    assert set(TASKS) == {"chest-ct-nodule", "cxr-mass", "head-mra-aneurysm"}
+    ct, cxr, mra = task_named("chest-ct-nodule"), task_named("cxr-mass"), task_named("head-mra-aneurysm")
+    assert (ct.dims, ct.model_name, ct.match_rule) == (3, "cade_chest-ct-nodule", "luna16")
+    assert (cxr.dims, cxr.model_name, cxr.match_rule) == (2, "cade_cxr-mass", "luna16")
+    assert (mra.dims, mra.model_name, mra.match_rule) == (3, "cade_head-mra-aneurysm", "adam")
     with pytest.raises(InputError) as unknown:
         task_named("nope")
     assert unknown.value.field == "task"

@@ -3,6 +3,7 @@ operating points, input validation, and the command end to end in a real process
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -189,6 +190,14 @@ def test_adam_rule_counts_the_sphere_surface(tmp_path):
     pred = read_predictions(_pred_folder(tmp_path, {"A": [{"center_mm": [5.0, 0, 0], "confidence": 0.8}]}))
     assert evaluate_cade(truth, pred, rule="luna16", n_resamples=10).estimate.n_found == 0
     assert evaluate_cade(truth, pred, rule="adam", n_resamples=10).estimate.n_found == 1
+    # No rule given: the predictions' task decides (chest-ct-nodule → LUNA16, head-mra-aneurysm → ADAM).
+    assert evaluate_cade(truth, pred, n_resamples=10).rule.value == "luna16"
+    aneurysm = dataclasses.replace(pred, task="head-mra-aneurysm")
+    report = evaluate_cade(truth, aneurysm, n_resamples=10)
+    assert report.rule.value == "adam" and report.estimate.n_found == 1
+    assert (
+        evaluate_cade(truth, dataclasses.replace(pred, task="foreign"), n_resamples=10).rule.value == "luna16"
+    )
 
 
 def test_a_list_file_reads_like_a_folder(tmp_path, worked):

@@ -11,11 +11,16 @@ exit 2 / INVALID_ARGUMENT), never with an empty candidate list.
 * ``cxr-mass`` (2D): the radiograph resized to a 512-pixel long side (a radiograph often states no
   usable pixel spacing; the frame is defined by the image itself), 0.5–99.5 percentile intensities
   (radiographs have no absolute scale), 256² tiles.
+* ``head-mra-aneurysm`` (3D): TOF-MRA at 0.8 mm isotropic (sources are 0.4–0.8 mm in-plane, 0.5–1 mm
+  apart: 0.8 mm keeps a 2 mm aneurysm 2.5 voxels across and a whole head under ~10 M voxels),
+  0.5–99.9 percentile intensities (MR has no absolute scale; the arteries, the brightest ~0.3 % of a
+  TOF slab, saturate near 1), 64³ tiles; hits by the ADAM rule (centre within the maximum radius).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from services.cade.pipeline import DetectorSpec
 from services.cade.preprocess import Intensity, WorkingFrame
@@ -51,6 +56,9 @@ class CadeTask:
     description: str
     #: The finding its candidates are (SEG segment type; ``services.core.io.dicom_seg`` codes it).
     lesion_type: str
+    #: How a candidate hits a lesion in its FROC (``services.evaluation.matching.MatchRule`` values):
+    #: LUNA16's ``< r`` for nodules and masses, ADAM's ``≤ r`` of the maximum radius for aneurysms.
+    match_rule: Literal["luna16", "adam"] = "luna16"
 
     @property
     def model_name(self) -> str:
@@ -98,7 +106,25 @@ CXR_MASS = CadeTask(
     lesion_type="mass",
 )
 
-TASKS: dict[str, CadeTask] = {t.name: t for t in (CHEST_CT_NODULE, CXR_MASS)}
+HEAD_MRA_ANEURYSM = CadeTask(
+    name="head-mra-aneurysm",
+    spec=DetectorSpec(
+        task="head-mra-aneurysm",
+        frame=WorkingFrame(dims=3, spacing_mm=0.8),
+        intensity=Intensity("percentile", 0.5, 99.9),
+        tiling=TilingSpec(tile=(64, 64, 64), min_shape=(16, 16, 16), overlap=0.25, max_batch=4),
+        floor=0.1,
+        # Aneurysms of one patient sit at different bifurcations, rarely closer than a few mm.
+        nms_radius_mm=4.0,
+    ),
+    default_threshold=0.5,
+    default_fp_rate=1.0,
+    description="intracranial aneurysms on TOF-MRA (3D, trained on sphere labels from centre + diameter)",
+    lesion_type="aneurysm",
+    match_rule="adam",
+)
+
+TASKS: dict[str, CadeTask] = {t.name: t for t in (CHEST_CT_NODULE, CXR_MASS, HEAD_MRA_ANEURYSM)}
 
 
 def task_named(name: str) -> CadeTask:

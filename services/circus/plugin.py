@@ -111,6 +111,14 @@ CAPABILITIES: dict[str, Capability] = {
             caption="Mass candidates",
         ),
         Capability(
+            "head-mra-aneurysm",
+            "wlcad-head-mra-aneurysm",
+            "head-mra-aneurysm",
+            overlays=False,
+            description="wlcad intracranial aneurysm candidates on TOF-MRA (3D detector trained on sphere labels)",
+            caption="Aneurysm candidates",
+        ),
+        Capability(
             "label-estimation",
             "wlcad-label-estimation",
             "chest-ct-nodule",

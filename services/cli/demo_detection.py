@@ -4,8 +4,9 @@
 The same honesty rules as the rest of the demo:
 
 * Phantom hybrids (synthetic lesions in a real background) are scored against their exact truth with
-  the LUNA16 hit rule, and their FROC is printed with the number of cases (a handful of cases gives a
-  wide interval: the model card holds the real test-set figures).
+  the task's hit rule (LUNA16; ADAM for aneurysms), and their FROC is printed with the number of cases
+  (a handful of cases gives a wide interval: the model card holds the real test-set figures). Head
+  MRA has no real sample to insert aneurysms into, so its cases are plain phantoms of the test seed.
 * The real chest radiograph shows round lung masses; four were reader-marked (approximate, not ground
   truth): the demo says which of them a candidate falls on and how many candidates fall elsewhere
   (fainter masses are unmarked, so "elsewhere" is not "false").
@@ -29,8 +30,10 @@ from services.cade.pipeline import DetectionResult
 from services.cade.tasks import task_named
 from services.core.io import read_image
 
-#: Hybrid phantom cases per detection task: a CT takes seconds, a radiograph a fraction of one.
-DETECTION_CASES = {"chest-ct-nodule": 3, "cxr-mass": 10}
+#: Phantom cases per detection task: a CT takes seconds, a radiograph a fraction of one.
+DETECTION_CASES = {"chest-ct-nodule": 3, "cxr-mass": 10, "head-mra-aneurysm": 2}
+#: Tasks whose demo phantoms are hybrids (lesions inserted into the task's real sample).
+HYBRID_TASKS = frozenset({"chest-ct-nodule", "cxr-mass"})
 #: Real samples each detector runs on: (task, sample name in the demo's real-sample plan).
 REAL_DETECTIONS = (("chest-ct-nodule", "ct-dicom-series"), ("cxr-mass", "chest-xray"))
 
@@ -49,13 +52,13 @@ class TaskRun:
     cpm: float | None
 
 
-def _hybrid_cases(out: Path, task: str, cases: int, seed: int) -> tuple[Path, dict[str, list[dict]]]:
+def _phantom_cases(out: Path, task: str, cases: int, seed: int) -> tuple[Path, dict[str, list[dict]]]:
     from training.data.dataset import write_dataset
 
     folder = out / "phantoms-detection" / task
     marker = folder / "cases.txt"
     if not (marker.is_file() and marker.read_text() == f"{cases} {seed}\n"):
-        write_dataset(task, cases, seed, folder, hybrid_mode=True)
+        write_dataset(task, cases, seed, folder, hybrid_mode=task in HYBRID_TASKS)
         marker.write_text(f"{cases} {seed}\n")
     by_case: dict[str, list[dict]] = defaultdict(list)
     with open(folder / "manifest.csv", newline="") as stream:
@@ -73,7 +76,7 @@ def _render(image, result: DetectionResult, task: str, threshold: float, path: P
 def _phantom_task(client: DetectionClient, task: str, out: Path, seed: int) -> TaskRun:
     from services.evaluation.cade_report import Predictions, evaluate_cade, read_truth
 
-    folder, by_case = _hybrid_cases(out, task, DETECTION_CASES[task], seed)
+    folder, by_case = _phantom_cases(out, task, DETECTION_CASES[task], seed)
     case_ids, candidates = [], []
     threshold, version = float("nan"), ""
     for case_id, rows in by_case.items():
@@ -183,8 +186,9 @@ def run_detection(address: str, token: str | None, out: Path, seed: int, real_sa
         for task in (t for t in DETECTION_CASES if t in available):
             run = _phantom_task(client, task, out, seed)
             cpm = "—" if run.cpm is None else f"{run.cpm:.3f}"
+            kind = "hybrid phantoms" if task in HYBRID_TASKS else "phantoms"
             print(
-                f"  {task} ({run.model_version}, cut-off {run.threshold:.3f}): hybrid phantoms, {run.n_cases} "
+                f"  {task} ({run.model_version}, cut-off {run.threshold:.3f}): {kind}, {run.n_cases} "
                 f"cases, {run.n_lesions} lesions: {run.found_at_cutoff} found, "
                 f"{run.false_positives_at_cutoff / max(run.n_cases, 1):.1f} FP/case; CPM {cpm} "
                 f"(n={run.n_cases}; the model card has the test-set CPM with its CI)"

@@ -40,7 +40,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--pred", type=Path, required=True, help="folder of <case_id>.json or one JSON file with a list"
     )
     cade.add_argument(
-        "--rule", choices=sorted(RULES), default="luna", help="hit rule: luna (LUNA16, < r) or adam (≤ r)"
+        "--rule",
+        choices=sorted(RULES),
+        help="hit rule: luna (LUNA16, < r) or adam (≤ r); default: the predictions' task's (adam for aneurysms)",
     )
     cade.add_argument("--out", type=Path, default=Path("cade-evaluation"), help="output folder")
     cade.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples")
@@ -120,7 +122,11 @@ def run_cade(args: argparse.Namespace) -> int:
     truth = read_truth(args.manifest)
     predictions = read_predictions(args.pred)
     report = evaluate_cade(
-        truth, predictions, rule=RULES[args.rule], n_resamples=args.resamples, seed=args.seed
+        truth,
+        predictions,
+        rule=RULES[args.rule] if args.rule else None,
+        n_resamples=args.resamples,
+        seed=args.seed,
     )
     json_path, png_path = write_report(report, args.out)
     print(summary(report))

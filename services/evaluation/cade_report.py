@@ -354,16 +354,28 @@ def _kind_groups(truth: Truth) -> list[tuple[str, list[bool]]]:
     return [(kind, [t.lesion_type == kind for t in truth.lesions]) for kind in kinds]
 
 
+def task_rule(task: str) -> MatchRule:
+    """The hit rule a CADe task is evaluated by (``CadeTask.match_rule``); LUNA16 for a task wlcad does
+    not know (a foreign detector's predictions)."""
+    from services.cade.tasks import TASKS  # lazy: the task table imports the pipeline
+
+    known = TASKS.get(task)
+    return as_rule(known.match_rule) if known is not None else MatchRule.LUNA16
+
+
 def evaluate_cade(
     truth: Truth,
     predictions: Predictions,
     *,
-    rule: MatchRule | str = MatchRule.LUNA16,
+    rule: MatchRule | str | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
     level: float = DEFAULT_LEVEL,
 ) -> CadeReport:
     """FROC, CPM and sensitivities with bootstrap CIs, breakdowns by size and kind, operating points.
+
+    ``rule`` None: the hit rule of the predictions' task (:func:`task_rule`: ADAM for aneurysms, LUNA16
+    otherwise), so a detector is scored by its own task's rule wherever it is evaluated.
 
     Every FROC of the report resamples the same cases (same ``seed``, same case list), so the overall
     and subgroup intervals come from the same bootstrap draws.
@@ -374,7 +386,7 @@ def evaluate_cade(
         raise InputError("the manifest holds no lesion: sensitivity is undefined", field="manifest")
     candidates = list(predictions.candidates)
     settings: dict[str, Any] = {
-        "rule": as_rule(rule),
+        "rule": task_rule(predictions.task) if rule is None else as_rule(rule),
         "n_resamples": n_resamples,
         "seed": seed,
         "level": level,

@@ -8,6 +8,7 @@ bootstrap CI, operating thresholds). The numbers go into the model card.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from services.cade.pipeline import Detector
 from services.cade.reranking import Reranker
+from services.core.atomic import write_bytes_atomically
 from services.core.errors import InputError
 from services.core.io import read_image
 from services.evaluation.cade_report import CadeReport, Predictions, evaluate_cade, read_truth, write_report
@@ -53,17 +55,21 @@ def two_stage_detector(task: CadeTask, unet: Path, classifier: Path, threads: in
 
 
 def evaluate_split(task: CadeTask, detector: Detector, manifest: Path, out_dir: Path) -> CadeReport:
-    """FROC of ``detector`` over every case of ``manifest``; writes froc.json and froc.png to ``out_dir``."""
-    case_ids, candidates = [], []
+    """FROC of ``detector`` over every case of ``manifest``; writes froc.json and froc.png to ``out_dir``,
+    and every case's candidates as ``predictions.json`` (a list of ``wlcad detect`` documents, which
+    ``read_predictions`` and ``training.cade.compare`` read), so two detectors can be compared paired."""
+    case_ids, candidates, documents = [], [], []
     for case in manifest_cases(manifest):
         result = detector.detect(read_image(case.image))
         case_ids.append(case.case_id)
         candidates += result.froc_candidates(case.case_id)
+        documents.append({**result.as_dict(task.model_name), "case_id": case.case_id})
     predictions = Predictions(
         task.name, task.model_name, detector.model_version, tuple(case_ids), tuple(candidates)
     )
-    report = evaluate_cade(read_truth(manifest), predictions)
+    report = evaluate_cade(read_truth(manifest), predictions)  # the task's own hit rule
     write_report(report, out_dir)
+    write_bytes_atomically(Path(out_dir) / "predictions.json", (json.dumps(documents) + "\n").encode())
     return report
 
 

@@ -18,8 +18,8 @@ from services.cade.tasks import task_named
 from services.cade.tiling import TilingSpec
 from services.core.errors import InputError
 
-Split = Literal["train", "validation", "test", "hybrid-test", "hybrid-train"]
-SPLITS: tuple[Split, ...] = ("train", "validation", "test", "hybrid-test", "hybrid-train")
+Split = Literal["train", "validation", "test", "hybrid-test", "hybrid-train", "feedback"]
+SPLITS: tuple[Split, ...] = ("train", "validation", "test", "hybrid-test", "hybrid-train", "feedback")
 
 
 @dataclass(frozen=True)
@@ -28,19 +28,22 @@ class DataSeeds:
 
     ``hybrid_train`` cases teach the false-positive-reduction stage what the real background's vessels
     and walls look like; they share the one real background with ``hybrid_test`` but never a lesion
-    placement (another seed), so the hybrid test measures unseen lesions, not an unseen patient."""
+    placement (another seed), so the hybrid test measures unseen lesions, not an unseen patient.
+    ``feedback`` cases stand for the archive a reader reviews (the reader-feedback loop): no model is
+    trained or selected on them before the reader has judged its candidates."""
 
     train: int
     validation: int
     test: int
     hybrid_test: int
     hybrid_train: int
+    feedback: int
 
     def of(self, split: Split) -> int:
         return getattr(self, split.replace("-", "_"))
 
     def __post_init__(self) -> None:
-        seeds = [self.train, self.validation, self.test, self.hybrid_test, self.hybrid_train]
+        seeds = [self.train, self.validation, self.test, self.hybrid_test, self.hybrid_train, self.feedback]
         if len(set(seeds)) != len(seeds):
             raise InputError(f"splits must not share a seed, got {seeds}", field="seeds")
 
@@ -90,11 +93,22 @@ class CadeTask:
 TASKS: dict[str, CadeTask] = {
     "chest-ct-nodule": CadeTask(
         serving=task_named("chest-ct-nodule"),
-        seeds=DataSeeds(train=1101, validation=1102, test=1103, hybrid_test=1104, hybrid_train=1105),
+        seeds=DataSeeds(
+            train=1101, validation=1102, test=1103, hybrid_test=1104, hybrid_train=1105, feedback=1106
+        ),
     ),
     "cxr-mass": CadeTask(
         serving=task_named("cxr-mass"),
-        seeds=DataSeeds(train=1201, validation=1202, test=1203, hybrid_test=1204, hybrid_train=1205),
+        seeds=DataSeeds(
+            train=1201, validation=1202, test=1203, hybrid_test=1204, hybrid_train=1205, feedback=1206
+        ),
+    ),
+    # 13xx and 14xx are the anomaly tasks' (training/anomaly/tasks.py).
+    "head-mra-aneurysm": CadeTask(
+        serving=task_named("head-mra-aneurysm"),
+        seeds=DataSeeds(
+            train=1501, validation=1502, test=1503, hybrid_test=1504, hybrid_train=1505, feedback=1506
+        ),
     ),
 }
 

@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # core does not import the capabilities at run time
 TASK_FINDINGS: dict[str, tuple[Code, Code]] = {
     "chest-ct-nodule": (codes.SCT.Nodule, codes.SCT.Lung),  # lung nodule
     "cxr-mass": (codes.SCT.Mass, codes.SCT.Lung),  # mass of lung
+    "head-mra-aneurysm": (codes.SCT.Aneurysm, codes.SCT.CerebralArtery),  # intracranial aneurysm
 }
 #: A task not listed above is reported as a lesion with no site rather than refused.
 DEFAULT_FINDING = codes.SCT.Lesion
