@@ -53,6 +53,9 @@ from services.core.overlay import (
 from services.core.volume import Volume
 from services.evaluation import dice
 
+#: The demo is a batch over known inputs, not a reader waiting: its requests may take what a loaded
+#: machine needs (the service still bounds each request's work by its own limits).
+DEMO_REQUEST_TIMEOUT_S = 900.0
 PHANTOM_TASKS = ("chest-ct-nodule", "brain-mr-metastasis", "cxr-mass")
 #: The window a radiologist reads each phantom task in (the hybrids are re-read from NIfTI, which
 #: keeps no modality, so it is stated here).
@@ -448,7 +451,7 @@ def _run_phantoms(client, args, methods: list[str], out: Path):
         for method in methods:
             if not _applicable(method, image):
                 continue
-            response = client.estimate_volume(image, prompts, method)
+            response = client.estimate_volume(image, prompts, method, timeout=DEMO_REQUEST_TIMEOUT_S)
             estimates = estimates_from_proto(image, prompts, response)
             captions = {}
             for estimate in estimates:
@@ -484,7 +487,7 @@ def _dose_case(client, image, truth, rtdose: Path, rows: list[dict], folder: Pat
     from services.api.convert import unpack_mask
     from services.core.io import write_image
 
-    response = client.estimate_dose(image, rtdose.read_bytes(), "50%")
+    response = client.estimate_dose(image, rtdose.read_bytes(), "50%", timeout=DEMO_REQUEST_TIMEOUT_S)
     labels = np.zeros(image.array.shape, dtype=np.uint16)
     for target in response.targets:
         (x0, y0, z0), mask = unpack_mask(target.mask)
@@ -512,8 +515,15 @@ def _send(client, args, token, case: RealCase, prompts: Sequence[LesionPrompt], 
 
     if case.transport == "http-dicom-zip":
         request = pb.EstimateRequest(lesions=prompts_to_proto(prompts), method=method)
-        return http_client.upload(args.http, f"{case.path.name}.zip", zip_folder(case.path), request, token)
-    return client.estimate_file(case.path, prompts, method)
+        return http_client.upload(
+            args.http,
+            f"{case.path.name}.zip",
+            zip_folder(case.path),
+            request,
+            token,
+            timeout=DEMO_REQUEST_TIMEOUT_S,
+        )
+    return client.estimate_file(case.path, prompts, method, timeout=DEMO_REQUEST_TIMEOUT_S)
 
 
 def _transport_check(client, args, token, case: RealCase, methods: list[str]) -> dict:
