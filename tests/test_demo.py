@@ -173,7 +173,7 @@ class _FakeClient:
     def __init__(self) -> None:
         self.requests: list[tuple[Path, list, str]] = []
 
-    def estimate_file(self, path, prompts, method):
+    def estimate_file(self, path, prompts, method, timeout: float = 120.0):
         from services.api.convert import volume_to_proto
         from services.api.pb import label_estimation_pb2 as pb
         from services.core.io import read_image
