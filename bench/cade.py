@@ -282,9 +282,16 @@ def bench_chest_ct(
     )
 
 
+def has_model(repository: Path, task: str, what: str) -> bool:
+    """Whether ``cade_<task>`` is in the repository; says which timing is skipped when it is not."""
+    if task_named(task).model_name in ModelRepository(repository).model_names():
+        return True
+    print(f"cade_{task} is not in {repository}: {what} skipped")
+    return False
+
+
 def bench_radiographs(repository: Path, count: int, size_xy: tuple[int, int], folder: Path) -> None:
-    if CXR_TASK not in [n.removeprefix("cade_") for n in ModelRepository(repository).model_names()]:
-        print(f"cade_{CXR_TASK} is not in {repository}: per-radiograph time skipped")
+    if not has_model(repository, CXR_TASK, "per-radiograph time"):
         return
     with CadeModel(task_named(CXR_TASK), setting="embedded", repository=repository) as model:
         detector, calls = timed_detector(model)
@@ -299,8 +306,7 @@ def bench_radiographs(repository: Path, count: int, size_xy: tuple[int, int], fo
 
 
 def bench_head_mra(repository: Path, size_xyz: tuple[int, int, int], folder: Path) -> None:
-    if MRA_TASK not in [n.removeprefix("cade_") for n in ModelRepository(repository).model_names()]:
-        print(f"cade_{MRA_TASK} is not in {repository}: head MRA time skipped")
+    if not has_model(repository, MRA_TASK, "head MRA time"):
         return
     path = synthetic_file(MRA_TASK, size_xyz, folder)
     spacing = "×".join(f"{v:.2f}" for v in read_image(path).spacing)

@@ -11,7 +11,6 @@ import json
 import urllib.request
 
 import grpc
-import pydicom
 import pytest
 from dicomweb_client import DICOMwebClient
 
@@ -20,57 +19,20 @@ from services.api.pb import image_pb2
 from services.api.pb import label_estimation_pb2 as pb
 from services.api.pb import label_estimation_pb2_grpc as pb_grpc
 from services.capabilities import capability
-from services.servers.orthanc import LocalOrthanc
-from tests.serving_support import Process, free_port, wait_serving
-from tests.test_detect_cli import CT_GRID, CT_SPHERES, synthetic_ct
+from tests.test_detect_cli import CT_GRID, CT_SPHERES
 from tests.test_pacs import SEG_CLASS, SR_CLASS
-from training.data.dicom_export import write_dicom_series
+from tests.test_pacs_service import behind_gateway, orthanc, series_in, source  # noqa: F401 - module fixtures
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    server = LocalOrthanc(tmp_path_factory.mktemp("orthanc")).start(timeout_s=60)  # readiness: generous
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def source(orthanc, tmp_path_factory) -> dict:
-    paths = write_dicom_series(synthetic_ct(), tmp_path_factory.mktemp("series"), uid_seed="pacs-estimate")
-    assert orthanc.upload(paths) == len(paths)
-    header = pydicom.dcmread(paths[0], stop_before_pixels=True)
-    return {
-        "study": str(header.StudyInstanceUID),
-        "series": str(header.SeriesInstanceUID),
-        "count": len(paths),
-    }
-
-
-@pytest.fixture(scope="module")
-def gateway(orthanc, tmp_path_factory):
+def gateway(orthanc, tmp_path_factory):  # noqa: F811 - pytest fixture arguments
     """(gateway gRPC address, HTTP URL) in front of ``wlcad serve label-estimation --dicomweb <orthanc>``."""
-    logs = tmp_path_factory.mktemp("pacs-estimate-logs")
-    service_address = f"127.0.0.1:{free_port()}"
-    grpc_address, http_port = f"127.0.0.1:{free_port()}", free_port()
-    service = Process(
-        ["serve", "label-estimation", "--listen", service_address, "--metrics-listen", "",
-         "--dicomweb", orthanc.dicomweb_url],
-        logs / "label-estimation.log",
-    ).start()  # fmt: skip
-    listen = ["--grpc-listen", grpc_address, "--http-listen", f"127.0.0.1:{http_port}"]
-    gateway = Process(
-        ["serve", "gateway", *listen, "--route", f"label-estimation={service_address}"], logs / "gw.log"
-    ).start()
-    try:
-        wait_serving(service_address)
-        wait_serving(grpc_address, service="wlcad.v1.LabelEstimation")
-        yield grpc_address, f"http://127.0.0.1:{http_port}"
-    finally:
-        gateway.stop()
-        service.stop()
-    assert "Traceback" not in (logs / "label-estimation.log").read_text()
+    with behind_gateway(
+        "label-estimation", orthanc, tmp_path_factory.mktemp("pacs-estimate-logs")
+    ) as addresses:
+        yield addresses
 
 
 def _prompts() -> list[pb.LesionPrompt]:
@@ -97,12 +59,7 @@ def _request(base_url: str, study: str, series: str, lesions=None, method="unet"
     )
 
 
-def _series_in(orthanc, study: str) -> set[str]:
-    client = DICOMwebClient(orthanc.dicomweb_url, timeout=30)
-    return {item["0020000E"]["Value"][0] for item in client.search_for_series(study)}
-
-
-def test_estimate_to_pacs_stores_a_typed_seg_and_sr_that_qido_finds(orthanc, source, gateway):
+def test_estimate_to_pacs_stores_a_typed_seg_and_sr_that_qido_finds(orthanc, source, gateway):  # noqa: F811 - pytest fixture arguments
     stub = pb_grpc.LabelEstimationStub(channel(gateway[0]))
     answer = stub.EstimateToPacs(
         _request(orthanc.dicomweb_url, source["study"], source["series"]), timeout=240
@@ -125,7 +82,7 @@ def test_estimate_to_pacs_stores_a_typed_seg_and_sr_that_qido_finds(orthanc, sou
     }
 
 
-def test_the_http_route_does_the_same_with_a_rule_based_method(orthanc, source, gateway):
+def test_the_http_route_does_the_same_with_a_rule_based_method(orthanc, source, gateway):  # noqa: F811 - pytest fixture arguments
     lesion = {
         "lesion_id": 1,
         "center_mm": list(CT_GRID.index_to_world(CT_SPHERES[0][0])),
@@ -174,8 +131,8 @@ def test_the_http_route_does_the_same_with_a_rule_based_method(orthanc, source, 
         ({"series": "1.2.3.4"}, "series"),  # no such series: refused by the size check, nothing stored
     ],
 )
-def test_refusals_name_the_field_and_store_nothing(orthanc, source, gateway, change, field):
-    before = _series_in(orthanc, source["study"])
+def test_refusals_name_the_field_and_store_nothing(orthanc, source, gateway, change, field):  # noqa: F811 - pytest fixture arguments
+    before = series_in(orthanc, source["study"])
     stub = pb_grpc.LabelEstimationStub(channel(gateway[0]))
     request = _request(
         change.get("base_url", orthanc.dicomweb_url),
@@ -188,7 +145,7 @@ def test_refusals_name_the_field_and_store_nothing(orthanc, source, gateway, cha
         stub.EstimateToPacs(request, timeout=60)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in error.value.details()
-    assert _series_in(orthanc, source["study"]) == before
+    assert series_in(orthanc, source["study"]) == before
 
 
 def test_the_gateway_never_retries_it():

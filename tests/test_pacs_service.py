@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 import pydicom
@@ -50,16 +52,17 @@ def source(orthanc, tmp_path_factory) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def gateway(orthanc, repository, tmp_path_factory):  # noqa: F811 - pytest fixture argument
-    """(gateway gRPC address, gateway HTTP URL) in front of ``wlcad serve cade --dicomweb <orthanc>``."""
-    logs = tmp_path_factory.mktemp("pacs-service-logs")
+@contextmanager
+def behind_gateway(name: str, orthanc, logs: Path, env: dict | None = None):
+    """(gateway gRPC address, HTTP URL) in front of ``wlcad serve <name> --dicomweb <orthanc>``;
+    the service's log must hold no traceback when it stops."""
     service_address = f"127.0.0.1:{free_port()}"
     grpc_address, http_port = f"127.0.0.1:{free_port()}", free_port()
+    log = logs / f"{name}.log"
     service = Process(
         [
             "serve",
-            "cade",
+            name,
             "--listen",
             service_address,
             "--metrics-listen",
@@ -67,21 +70,29 @@ def gateway(orthanc, repository, tmp_path_factory):  # noqa: F811 - pytest fixtu
             "--dicomweb",
             orthanc.dicomweb_url,
         ],
-        logs / "cade.log",
-        {"WLCAD_MODEL_REPOSITORY": str(repository)},
+        log,
+        env,
     ).start()
     listen = ["--grpc-listen", grpc_address, "--http-listen", f"127.0.0.1:{http_port}"]
     gateway = Process(
-        ["serve", "gateway", *listen, "--route", f"cade={service_address}"], logs / "gw.log"
+        ["serve", "gateway", *listen, "--route", f"{name}={service_address}"], logs / "gw.log"
     ).start()
     try:
         wait_serving(service_address)
-        wait_serving(grpc_address, service="wlcad.v1.Detection")
+        wait_serving(grpc_address, service=capability(name).service)
         yield grpc_address, f"http://127.0.0.1:{http_port}"
     finally:
         gateway.stop()
         service.stop()
-    assert "Traceback" not in (logs / "cade.log").read_text()
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def gateway(orthanc, repository, tmp_path_factory):  # noqa: F811 - pytest fixture argument
+    """(gateway gRPC address, gateway HTTP URL) in front of ``wlcad serve cade --dicomweb <orthanc>``."""
+    logs = tmp_path_factory.mktemp("pacs-service-logs")
+    with behind_gateway("cade", orthanc, logs, {"WLCAD_MODEL_REPOSITORY": str(repository)}) as addresses:
+        yield addresses
 
 
 def _request(base_url: str, study: str, series: str, **cutoff) -> pb.PacsDetectRequest:
@@ -91,7 +102,7 @@ def _request(base_url: str, study: str, series: str, **cutoff) -> pb.PacsDetectR
     return pb.PacsDetectRequest(series=reference, task=TASK, **cutoff)
 
 
-def _series_in(orthanc, study: str) -> set[str]:
+def series_in(orthanc, study: str) -> set[str]:
     client = DICOMwebClient(orthanc.dicomweb_url, timeout=30)
     return {item["0020000E"]["Value"][0] for item in client.search_for_series(study)}
 
@@ -136,7 +147,7 @@ def test_the_http_route_does_the_same(orthanc, source, gateway):
     ],
 )
 def test_refusals_name_the_field_and_store_nothing(orthanc, source, gateway, base, study, series, field):
-    before = _series_in(orthanc, source["study"])
+    before = series_in(orthanc, source["study"])
     stub = pb_grpc.DetectionStub(channel(gateway[0]))
     with pytest.raises(grpc.RpcError) as error:
         stub.DetectToPacs(
@@ -145,7 +156,7 @@ def test_refusals_name_the_field_and_store_nothing(orthanc, source, gateway, bas
         )
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in error.value.details()
-    assert _series_in(orthanc, source["study"]) == before
+    assert series_in(orthanc, source["study"]) == before
 
 
 def test_an_unknown_http_body_field_is_a_4xx(gateway):

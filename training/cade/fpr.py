@@ -152,6 +152,12 @@ class VoiSet:
             return VoiSet(stored["vois"], stored["labels"], stored["diameters_mm"], hard)
 
 
+def _nearest_voxel_zyx(grid, center_mm) -> tuple[int, int, int]:
+    """The working-grid voxel (z, y, x) nearest a world point, clipped into the grid."""
+    index = np.clip(np.rint(grid.world_to_index(center_mm))[::-1], 0, np.asarray(grid.shape) - 1)
+    return tuple(int(v) for v in index)
+
+
 def feedback_vois(detector: Detector, spec: RerankSpec, case: CaseRows) -> VoiSet | None:
     """A reader-feedback case's cubes: positive at each lesion, negative (``hard``) at each rejected
     candidate; None when it has neither."""
@@ -160,13 +166,7 @@ def feedback_vois(detector: Detector, spec: RerankSpec, case: CaseRows) -> VoiSe
         return None
     working, probability = detector.working_and_probability(read_image(case.image))
     grid = working.grid
-    voxels = [
-        tuple(
-            int(v)
-            for v in np.clip(np.rint(grid.world_to_index(p.center_mm))[::-1], 0, np.asarray(grid.shape) - 1)
-        )
-        for p, _ in points
-    ]
+    voxels = [_nearest_voxel_zyx(grid, p.center_mm) for p, _ in points]
     size = spec.voi_voxels + 2 * SHIFT_VOXELS
     cubes = voi_batch((np.asarray(working.array), np.asarray(probability.array)), np.array(voxels), size)
     labels = np.array([label for _, label in points], np.uint8)
@@ -202,8 +202,7 @@ def case_vois(
         labels.append(1)
         diameters.append(2 * radii[int(np.argmax(inside[i]))])
     for prompt in case.prompts:
-        index = np.clip(np.rint(grid.world_to_index(prompt.center_mm))[::-1], 0, np.asarray(grid.shape) - 1)
-        voxels.append(tuple(int(v) for v in index))
+        voxels.append(_nearest_voxel_zyx(grid, prompt.center_mm))
         labels.append(1)
         diameters.append(prompt.diameter_mm)
     for i in negative:
