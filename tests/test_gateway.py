@@ -242,6 +242,19 @@ def test_every_http_operation(stack, rtdose, sample):
         ("/v1/labels:estimate", b'{"no_such_field": 1}', 400, "no_such_field"),
         ("/v1/labels:estimate", b'{"method": "sphere"}', 400, "lesions"),
         ("/v1/labels:estimateDose", b'{"isodose": "50%"}', 400, "rtdose_dicom"),
+        (  # checked with the prompts, before any image is read
+            "/v1/labels:estimate",
+            json.dumps(
+                {
+                    "method": "sphere",
+                    "lesions": [
+                        {"lesion_id": 1, "center_mm": [0, 0, 0], "diameter_mm": 5, "lesion_type": "x" * 65}
+                    ],
+                }
+            ).encode(),
+            400,
+            "lesions[0].lesion_type",
+        ),
     ],
 )
 def test_http_errors_name_the_field(stack, path, body, status, needle):

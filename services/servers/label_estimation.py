@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -56,6 +56,8 @@ class _Prepared:
     prompts: list[LesionPrompt]
     outputs: Outputs = NO_OUTPUTS
     headers: list[pydicom.Dataset] | None = None
+    #: lesion id → the prompt's lesion type (checked with the prompts, before any image arrives).
+    types: dict[int, str] = field(default_factory=dict)
 
 
 class LabelEstimationServicer(DicomOutputsServicer):
@@ -107,7 +109,8 @@ class LabelEstimationServicer(DicomOutputsServicer):
                 field=dicom_outputs.FIELD,
             )
         dicom_outputs.check_request(outputs, request.image)
-        return _Prepared(request, method, self._estimator(method), prompts, outputs)
+        types = lesion_types(request.lesions)
+        return _Prepared(request, method, self._estimator(method), prompts, outputs, types=types)
 
     def _estimator(self, method: Method) -> LabelEstimator:
         return LabelEstimator(self._bound_model(method))
@@ -178,8 +181,7 @@ class LabelEstimationServicer(DicomOutputsServicer):
             grid=volume_to_proto(image, with_data=False),
         )
         if prepared.outputs.any:
-            types = lesion_types(prepared.request.lesions)
-            _add_outputs(response, prepared.outputs, estimates, image, headers or [], types)
+            _add_outputs(response, prepared.outputs, estimates, image, headers or [], prepared.types)
             dicom_outputs.check_size(response)
         return response
 
