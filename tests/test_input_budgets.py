@@ -9,6 +9,7 @@ temp folder, watched for disk use, so a regression fails the test early instead 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import http.server
 import io
 import json
@@ -44,6 +45,7 @@ from services.api.sources import (
     volume_from_file,
 )
 from services.core.errors import InputError
+from services.core.io import read_image
 from services.core.work_budget import DeadlineExceededError, RequestCancelledError, WorkBudget, scope
 from tests.serving_support import REPO_ROOT, estimate_request, small_volume, start_service, wait_serving
 
@@ -146,6 +148,7 @@ import json, sys, time
 from pathlib import Path
 from services.api.sources import volume_from_file
 from services.core.errors import InputError
+from services.core.io import read_image
 data = Path(sys.argv[1]).read_bytes()
 started = time.perf_counter()
 try:
@@ -537,3 +540,77 @@ def test_an_uncompressed_header_declaring_more_than_its_file_holds_is_refused(tm
     with pytest.raises(InputError, match="declares 268435456 bytes of voxels; the file holds") as refused:
         sources.check_declared_size(path, "image.file.content")
     assert refused.value.field == "image.file.content"
+
+
+_CT_SIZES = "512 512 2048"  # MAX_VOXELS of int16: exactly the 1 GiB upload limit
+
+
+@pytest.mark.parametrize(
+    ("filename", "content", "refusal"),
+    [
+        (
+            "image.nrrd",
+            b"NRRD0004\ntype: short\ndimension: 3\nsizes: " + _CT_SIZES.encode() + b"\nencoding: raw\n"
+            b"endian: little\n\n" + bytes(100),
+            "the file holds",
+        ),
+        (
+            "image.nrrd",
+            b"NRRD0004\ntype: short\ndimension: 3\nsizes: " + _CT_SIZES.encode() + b"\nencoding: gzip\n"
+            b"endian: little\n\n" + gzip.compress(bytes(1000)),
+            "the gzip-compressed file holds",
+        ),
+        (
+            "image.nrrd",
+            b"NRRD0004\ntype: short\ndimension: 3\nsizes: "
+            + _CT_SIZES.encode()
+            + b"\nencoding: ascii\n\n"
+            + b"0 " * 50,
+            "the text-encoded file holds",
+        ),
+        (
+            "image.mha",
+            b"ObjectType = Image\nNDims = 3\nDimSize = " + _CT_SIZES.encode() + b"\nElementType = MET_SHORT\n"
+            b"CompressedData = True\nElementDataFile = LOCAL\n" + bytes(100),
+            "the zlib-compressed file holds",
+        ),
+        (
+            "image.mhd",
+            b"ObjectType = Image\nNDims = 3\nDimSize = " + _CT_SIZES.encode() + b"\nElementType = MET_SHORT\n"
+            b"ElementDataFile = image.raw\n",
+            "the file holds 100 bytes",
+        ),
+    ],
+)
+def test_a_header_declaring_more_than_its_data_can_hold_is_refused_before_any_reader(
+    tmp_path, filename, content, refusal
+):
+    """Found by the atheris pass (an out-of-memory at 3.6 GB): a header of a few hundred bytes may
+    declare the largest CT the service accepts, and ITK and Teem allocate the 1 GiB before they find
+    the data short (ITK even returned a 1 GiB volume of zeros for the 100-byte zlib MetaImage). The
+    data bound is the file's size, times 1032 for deflate (its largest expansion), halved for text."""
+    path = tmp_path / filename
+    path.write_bytes(content)
+    (tmp_path / "image.raw").write_bytes(bytes(100))
+    with pytest.raises(InputError, match=refusal) as refused:
+        sources.check_declared_size(path, "image.file.content")
+    assert refused.value.field == "image.file.content"
+
+
+def test_compressed_and_text_encodings_that_hold_their_data_still_read(tmp_path):
+    values = np.arange(64, dtype="<i2").reshape(4, 4, 4)
+    head = b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 4\nendian: little\nencoding: "
+    files = {
+        "gzip.nrrd": head + b"gzip\n\n" + gzip.compress(values.tobytes()),
+        "text.nrrd": head + b"ascii\n\n" + " ".join(str(v) for v in values.ravel()).encode(),
+        "zlib.mha": b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_SHORT\n"
+        b"CompressedData = True\nCompressedDataSize = "
+        + str(len(zlib.compress(values.tobytes()))).encode()
+        + b"\nElementDataFile = LOCAL\n"
+        + zlib.compress(values.tobytes()),
+    }
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        sources.check_declared_size(path, "image.file.content")
+        assert sorted(int(v) for v in read_image(path).array.ravel()) == list(range(64)), name

@@ -171,6 +171,9 @@ class _BudgetedFile(io.FileIO):
 
 
 _SITK_BITS = re.compile(r"([0-9]+)-bit")
+#: The most a deflate stream (gzip, zlib) expands: RFC 1951's longest match, 258 bytes, costs at
+#: least 2 bits, so one compressed byte yields at most 1032.
+_DEFLATE_MAX_RATIO = 1032
 #: How much of an NRRD or MetaImage file its text header may take (real headers are < 4 KiB).
 _TEXT_HEADER_BYTES = 1 << 16
 _NRRD_DATA_FILE_KEYS = ("data file", "datafile")
@@ -183,8 +186,7 @@ def _external_data_file(path: Path) -> str | None:
     ``ElementDataFile =``), by absolute path too: a client's ``.nrrd`` naming ``/etc/passwd`` made
     the service read that file as voxels. A ``.nrrd`` or ``.mha`` must hold its own data; a ``.mhd``
     (local and CIRCUS CS folders only) may name a file beside it, never a path."""
-    with path.open("rb") as handle:
-        text = handle.read(_TEXT_HEADER_BYTES).decode("latin-1")
+    text = _text_header(path)
     name = path.name.lower()
     if name.endswith(".nrrd"):
         for line in text.split("\n\n", 1)[0].splitlines()[1:]:
@@ -214,6 +216,8 @@ def _declared_size(path: Path) -> tuple[int, int]:
         declared = voxels * header.get_data_dtype().itemsize
         if name.endswith(".nii"):
             _fits_in_file(declared, path)
+        else:
+            _fits_in_file(declared, path, expansion=_DEFLATE_MAX_RATIO, how="gzip-compressed ")
         return voxels, declared
     if name.endswith((".nrrd", ".mha", ".mhd")):
         import SimpleITK as sitk
@@ -229,6 +233,7 @@ def _declared_size(path: Path) -> tuple[int, int]:
         kind = sitk.GetPixelIDValueAsString(reader.GetPixelID())
         bits = _SITK_BITS.search(kind)
         factor = (2 if "complex" in kind else 1) * (int(bits[1]) // 8 if bits else 8)
+        _fits_in_payload(voxels, voxels * factor, path)
         return voxels, voxels * factor
     import pydicom
 
@@ -247,12 +252,60 @@ def _declared_size(path: Path) -> tuple[int, int]:
     return voxels, voxels * per_voxel
 
 
-def _fits_in_file(declared_bytes: int, path: Path) -> None:
-    """An uncompressed file cannot hold more voxel bytes than its own size: a header that says so
-    would make a reader allocate for data that is not there (refused before it does)."""
+def _fits_in_file(declared_bytes: int, path: Path, *, expansion: float = 1.0, how: str = "") -> None:
+    """An uncompressed file cannot hold more voxel bytes than its own size, nor a compressed one more
+    than its size times its codec's largest expansion: a header that says so would make a reader
+    allocate for data that is not there (refused before it does). ITK even returned a 1 GiB volume of
+    zeros for a 100-byte zlib MetaImage whose header declared it."""
     size = path.stat().st_size
-    if declared_bytes > size:
-        raise InputError(f"the header declares {declared_bytes} bytes of voxels; the file holds {size}")
+    if declared_bytes > size * expansion:
+        raise InputError(
+            f"the header declares {declared_bytes} bytes of voxels; the {how}file holds {size} bytes"
+            + (f", which expand to at most {int(size * expansion)}" if expansion != 1.0 else "")
+        )
+
+
+def _text_header(path: Path) -> str:
+    with path.open("rb") as handle:
+        return handle.read(_TEXT_HEADER_BYTES).decode("latin-1")
+
+
+def _fits_in_payload(voxels: int, declared_bytes: int, path: Path) -> None:
+    """:func:`_fits_in_file` for NRRD and MetaImage, by the encoding the header names: raw (one file
+    byte per voxel byte), gzip/zlib (deflate expands at most 1032:1), hex (two characters per byte),
+    text (a digit and a separator per voxel). The data sits in the file itself, or for a ``.mhd``
+    in the file beside it that the header names (:func:`_external_data_file` allows nothing else)."""
+    text = _text_header(path)
+    if path.name.lower().endswith(".nrrd"):
+        lines = text.split("\n\n", 1)[0].splitlines()[1:]
+        fields = {
+            k.strip().lower(): v.strip().lower()
+            for k, sep, v in (line.partition(":") for line in lines)
+            if sep
+        }
+        encoding = fields.get("encoding", "raw")
+        if encoding in ("gzip", "gz"):
+            _fits_in_file(declared_bytes, path, expansion=_DEFLATE_MAX_RATIO, how="gzip-compressed ")
+        elif encoding == "hex":
+            _fits_in_file(declared_bytes, path, expansion=0.5, how="hex-encoded ")
+        elif encoding in ("ascii", "text", "txt"):
+            _fits_in_file(voxels, path, expansion=0.5, how="text-encoded ")
+        elif encoding == "raw":
+            _fits_in_file(declared_bytes, path)
+        return  # any other encoding: the reader refuses it without allocating (bzip2 is not built in)
+    fields = {}
+    for line in text.splitlines():
+        key, equals, value = line.partition("=")
+        if equals:
+            fields[key.strip().lower()] = value.strip()
+    target = fields.get("elementdatafile", "LOCAL")
+    data = path if target.upper() == "LOCAL" else path.parent / target
+    if not data.is_file():
+        raise InputError(f"the data file the header names ({target[:64]!r}) is missing")
+    if fields.get("compresseddata", "false").lower() == "true":
+        _fits_in_file(declared_bytes, data, expansion=_DEFLATE_MAX_RATIO, how="zlib-compressed ")
+    else:
+        _fits_in_file(declared_bytes, data)
 
 
 def check_declared_size(path: Path, field: str) -> None:
