@@ -7,7 +7,8 @@ int16 HU, x fastest; ``N.json`` an anonymised tag dump with ``common`` and per-s
 runs the Docker entrypoint as a process (and a real remote server process over HTTP), and checks
 what comes back: ``results.json`` against the JSON Schema in ``schemas/circus/``, ranks unique from
 1, locations inside the volume, overlays decodable as 1 bit per voxel MSB first, and candidates on
-the phantom's lesions in voxel index. Models: the shipped ``cade_<task>`` and ``label_unet3d``.
+the phantom's lesions in voxel index; for the anomaly plug-in, the score ``wlcad score`` gives and a
+real PNG figure. Models: the shipped ``cade_<task>``, ``label_unet3d`` and ``anomaly_cxr-anomaly_*``.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def check_results(out_dir: Path, volumes: list[CircusVolume]) -> dict:
     """What CIRCUS needs of a plug-in's output; returns results.json."""
     results = json.loads((out_dir / "results.json").read_text())
     jsonschema.validate(results, RESULTS_SCHEMA)
+    if "anomaly" in results["results"]:
+        return _check_anomaly(out_dir, results, volumes)
     candidates = results["results"]["lesionCandidates"]
     assert sorted(c["rank"] for c in candidates) == list(range(1, len(candidates) + 1))
     confidences = [c["confidence"] for c in sorted(candidates, key=lambda c: c["rank"])]
@@ -121,6 +124,21 @@ def check_results(out_dir: Path, volumes: list[CircusVolume]) -> dict:
         assert all(o + s <= n for o, s, n in zip(overlay["origin"], overlay["size"], shape, strict=True))
     assert {p.name for p in out_dir.iterdir()} == {"results.json", *attachments}  # no temporaries
     assert "metadata" in results and results["metadata"]["software"] == "wlcad"
+    return results
+
+
+def _check_anomaly(out_dir: Path, results: dict, volumes: list[CircusVolume]) -> dict:
+    """An anomaly plug-in's output: one score of a volume it was given, and its figure a real PNG."""
+    from PIL import Image
+
+    anomaly = results["results"]["anomaly"]
+    assert "lesionCandidates" not in results["results"]
+    assert 0 <= anomaly["volumeId"] < len(volumes)
+    with Image.open(out_dir / anomaly["figure"]) as figure:
+        figure.verify()
+        assert figure.format == "PNG" and min(figure.size) >= 300
+    assert {p.name for p in out_dir.iterdir()} == {"results.json", anomaly["figure"]}  # no temporaries
+    assert results["metadata"]["software"] == "wlcad"
     return results
 
 
@@ -186,6 +204,21 @@ def radiograph(tmp_path_factory) -> Lesion:
     return _largest_lesion("cxr-mass", 1203, 1, CXR_SIZE, tmp_path_factory.mktemp("cxr"))
 
 
+@pytest.fixture(scope="module")
+def anomaly_radiographs(tmp_path_factory) -> dict[str, Path]:
+    """A normal radiograph and one with cardiomegaly from the cxr-anomaly test seed (1303, never
+    used to train or calibrate): finding type → DICOM series folder."""
+    from training.data.dataset import write_dataset
+
+    folder = tmp_path_factory.mktemp("cxr-anomaly")
+    write_dataset("cxr-anomaly", 5, 1303, folder, formats=("dicom",))
+    with open(folder / "manifest.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    kinds = {r["lesion_type"]: folder / "dicom" / r["case_id"] for r in reversed(rows)}
+    assert {"normal", "cardiomegaly"} <= set(kinds), kinds
+    return kinds
+
+
 # ----------------------------------------------------------------------------------------------
 # The Docker plug-in entrypoint
 # ----------------------------------------------------------------------------------------------
@@ -232,6 +265,48 @@ def test_label_estimation_overlays_cover_the_nodule(chest, tmp_path) -> None:
     voxel_mm3 = abs(float(np.linalg.det(volume.axes_mm)))
     assert 0.5 <= mask.sum() * voxel_mm3 / chest.volume_mm3 <= 2.0
     assert results["metadata"]["labelModel"].startswith("label_unet3d/")
+
+
+def test_the_anomaly_plugin_scores_a_radiograph_as_wlcad_score_does(anomaly_radiographs, tmp_path) -> None:
+    """One pipeline: the plug-in's score of CIRCUS's int16 one-slice volume is ``wlcad score``'s of
+    the DICOM series; the radiograph with cardiomegaly lies further above the normals than the normal."""
+    from services.anomaly.scoring import score_volume
+    from services.core.io import read_image
+
+    percentiles = {}
+    for kind, series in anomaly_radiographs.items():
+        if kind not in ("normal", "cardiomegaly"):
+            continue
+        volume = circus_input(series, tmp_path / f"in-{kind}")
+        done = run_plugin("cxr-anomaly", volume.folder, tmp_path / f"out-{kind}")
+        assert done.returncode == 0, done.stderr
+        anomaly = check_results(tmp_path / f"out-{kind}", [volume])["results"]["anomaly"]
+        direct = score_volume(read_image(series), "cxr-anomaly", "two-flow")
+        assert anomaly["model"].startswith("anomaly_cxr-anomaly_two-flow/")
+        assert anomaly["score"] == pytest.approx(direct.score, abs=2e-6)
+        assert anomaly["percentileAmongNormals"] == pytest.approx(direct.percentile_among_normals, abs=1e-3)
+        percentiles[kind] = anomaly["percentileAmongNormals"]
+    assert percentiles["cardiomegaly"] > percentiles["normal"], percentiles
+
+
+@pytest.mark.parametrize("how", ["two-volumes", "three-slices"])
+def test_the_anomaly_plugin_refuses_what_it_cannot_score_in_one_line(
+    anomaly_radiographs, chest, tmp_path, how
+):
+    if how == "two-volumes":
+        circus_input(anomaly_radiographs["normal"], tmp_path / "in")
+        volume = circus_input(anomaly_radiographs["cardiomegaly"], tmp_path / "in", volume_id=1)
+        named = "one image per job"
+    else:
+        volume = circus_input(chest.series, tmp_path / "in")
+        named = "2D radiographs"
+    out = tmp_path / "out"
+    out.mkdir()
+    done = run_plugin("cxr-anomaly", volume.folder, out)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and named in lines[0], done.stderr
+    assert list(out.iterdir()) == []
 
 
 def test_no_network_is_needed_and_a_configured_triton_is_ignored(chest, tmp_path) -> None:
@@ -318,7 +393,9 @@ def test_the_result_types_refuse_what_the_contract_forbids() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task", ["chest-ct-nodule", "cxr-mass", "head-mra-aneurysm", "label-estimation"])
+@pytest.mark.parametrize(
+    "task", ["chest-ct-nodule", "cxr-mass", "head-mra-aneurysm", "label-estimation", "cxr-anomaly"]
+)
 def test_build_plugin_writes_a_valid_plugin_json_and_a_clean_dockerfile(task, tmp_path) -> None:
     done = run_cli("circus", "build-plugin", "--task", task, "--out", str(tmp_path), "--version", "1.2.3",
                    "--remote-endpoint", "https://cad.example.org/wlcad")  # fmt: skip
@@ -326,10 +403,23 @@ def test_build_plugin_writes_a_valid_plugin_json_and_a_clean_dockerfile(task, tm
     plugin = json.loads((tmp_path / "plugin.json").read_text())
     jsonschema.validate(plugin, PLUGIN_SCHEMA)
     assert plugin["type"] == "CAD" and plugin["version"] == "1.2.3" and len(plugin["description"]) <= 128
-    assert plugin["displayStrategy"][0]["type"] == "LesionCandidates"
-    listener = plugin["displayStrategy"][0]["options"]["feedbackListener"]
-    assert listener == {"type": "Choice", "options": {"personal": ["TP", "FP"]}}  # what feedback ingest reads
-    assert ("VolumeOverlay" in {s["type"] for s in plugin["displayStrategy"]}) == (task == "label-estimation")
+    if task == "cxr-anomaly":
+        gallery, verdict = plugin["displayStrategy"]
+        assert gallery["type"] == "Gallery" and verdict["type"] == "Choice"
+        assert [i["fileName"] for i in gallery["options"]["imageInfo"]] == [
+            "anomaly-map.png"
+        ]  # what it writes
+        assert [c["value"] for c in verdict["options"]["personal"]] == ["normal", "abnormal"]
+    else:
+        assert plugin["displayStrategy"][0]["type"] == "LesionCandidates"
+        listener = plugin["displayStrategy"][0]["options"]["feedbackListener"]
+        assert listener == {
+            "type": "Choice",
+            "options": {"personal": ["TP", "FP"]},
+        }  # what feedback ingest reads
+        assert ("VolumeOverlay" in {s["type"] for s in plugin["displayStrategy"]}) == (
+            task == "label-estimation"
+        )
     remote = json.loads((tmp_path / "plugin-remote.json").read_text())
     jsonschema.validate(remote, PLUGIN_SCHEMA)
     assert remote["type"] == "CAD+remote" and remote["endpoint"] == "https://cad.example.org/wlcad"
@@ -501,6 +591,18 @@ def test_remote_run_streams_events_and_returns_the_docker_plugins_results(
     assert docker.returncode == 0, docker.stderr
     local = json.loads((tmp_path / "docker" / "results.json").read_text())
     assert results["results"] == local["results"]  # one plug-in, two transports
+
+
+def test_remote_anomaly_scoring_returns_the_docker_plugins_results(
+    remotes, anomaly_radiographs, tmp_path
+) -> None:
+    volume = circus_input(anomaly_radiographs["cardiomegaly"], tmp_path / "in")
+    results = _remote_job(remotes("cxr-anomaly"), volume, tmp_path / "remote")
+    docker = run_plugin("cxr-anomaly", volume.folder, tmp_path / "docker")
+    assert docker.returncode == 0, docker.stderr
+    local = json.loads((tmp_path / "docker" / "results.json").read_text())
+    assert results["results"] == local["results"]
+    assert (tmp_path / "remote" / "anomaly-map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_remote_refuses_a_missing_or_wrong_secret(remotes, chest, tmp_path) -> None:

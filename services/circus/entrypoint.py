@@ -1,10 +1,11 @@
-"""Run one plug-in over a CIRCUS CS input folder and write ``results.json`` (and overlays) atomically.
+"""Run one plug-in over a CIRCUS CS input folder and write ``results.json`` (and its attachments)
+atomically.
 
 The Docker plug-in (``wlcad circus run-plugin``) and the remote endpoint both call :func:`run_plugin`.
 Every input volume is read and checked before the model runs, each output file is written through
 :mod:`services.core.atomic`, and ``results.json`` is written last: CIRCUS (and any caller) can take
-its presence as "the run finished"; after a failure there is none, and the overlays this run had
-written are removed again. Inference is always embedded (ONNX Runtime in this process): a plug-in
+its presence as "the run finished"; after a failure there is none, and the attachments this run had
+written (overlays, the anomaly figure) are removed again. Inference is always embedded (ONNX Runtime in this process): a plug-in
 container runs with no network, so a ``$WLCAD_INFERENCE`` naming a Triton server must not apply.
 """
 
@@ -19,10 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.circus.plugin import (
+    ANOMALY_FIGURE,
     RESULTS_FILE,
+    AnomalyResult,
     Capability,
     LesionCandidate,
+    PluginKind,
     PluginResults,
+    ResultImage,
     VolumeOverlay,
     pack_overlay,
 )
@@ -114,7 +119,7 @@ def _detect(
     from services.cade.model import CadeModel
     from services.cade.tasks import task_named
 
-    task = task_named(capability.detection_task)
+    task = task_named(capability.task)
     found: list[_Found] = []
     with CadeModel(task, INFERENCE, repository) as model:
         threshold = model.default_threshold()
@@ -195,6 +200,59 @@ def run_plugin(
     return run_on_volumes(capability, volumes, repository=repository, method=method, progress=progress)
 
 
+def _score(
+    capability: Capability, volumes: list[Volume], repository: Path | None, progress: Progress
+) -> PluginResults:
+    """One image's anomaly score (the model ``wlcad score`` would pick: two-flow if shipped) and the
+    figure ``wlcad score --overlay`` draws, as the Gallery image."""
+    import numpy as np
+
+    from services.anomaly.figure import render_score_figure
+    from services.anomaly.scoring import AnomalyScorer
+    from services.anomaly.tasks import anomaly_task
+    from services.batch.score import model_versions, resolve_model, score_document
+    from services.inference.factory import default_repository
+
+    if len(volumes) != 1:
+        raise InputError(
+            f"an anomaly plug-in scores one image per job; got {len(volumes)} volumes", field="circus.in"
+        )
+    [volume] = volumes
+    task = anomaly_task(capability.task)
+    root = repository if repository is not None else default_repository()
+    model = resolve_model(task, None, root)
+    if not model_versions(task, model, root):
+        raise InputError(f"{task.model_name(model)} is not in the model repository", field="model")
+    progress(f"volume 0: scoring ({task.name}, {model})")
+    with AnomalyScorer(task.name, model, repository=root, setting=INFERENCE) as scorer:
+        result, score_map = scorer.score_with_map(volume)
+        normals = len(scorer.calibration.normal_scores)
+    document = score_document(result, task)
+    progress("volume 0: drawing the anomaly map")
+    on_image = score_map.resample(reference=volume, output_dtype=np.float32)
+    figure = ResultImage(ANOMALY_FIGURE, render_score_figure(volume, on_image, document, normals))
+    anomaly = AnomalyResult(
+        volume_id=0,
+        score=document["score"],
+        units=document["units"],
+        percentile_among_normals=document["percentile_among_normals"],
+        z=document["z"],
+        model_version=document["model_version"],
+        calibration_normals=normals,
+    )
+    metadata = {
+        "software": "wlcad",
+        "softwareVersion": software_version(),
+        "plugin": capability.plugin_name,
+        "task": task.name,
+        "model": document["model_version"],
+        "components": document["components"],
+        "volumes": 1,
+        "note": "An anomaly score for a reader to weigh; not a diagnosis.",
+    }
+    return PluginResults((), (), metadata, anomaly=anomaly, images=(figure,))
+
+
 def run_on_volumes(
     capability: Capability,
     volumes: list[Volume],
@@ -204,6 +262,8 @@ def run_on_volumes(
     progress: Progress = _quiet,
 ) -> PluginResults:
     """:func:`run_plugin` on volumes already read (the remote endpoint checks them before it answers)."""
+    if capability.kind is PluginKind.ANOMALY:
+        return _score(capability, volumes, repository, progress)
     found, info = _detect(capability, volumes, repository, progress)
     overlays: list[VolumeOverlay] = []
     if capability.overlays:
@@ -227,14 +287,14 @@ def run_on_volumes(
 
 
 def write_results(results: PluginResults, out_dir: Path) -> Path:
-    """Overlays first, ``results.json`` last, each atomic; after a failure none of them is left."""
+    """Attachments first, ``results.json`` last, each atomic; after a failure none of them is left."""
     from services.core.atomic import write_bytes_atomically
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     try:
-        for overlay in results.overlays:
-            written.append(write_bytes_atomically(out_dir / overlay.raw_file, overlay.data))
+        for file_name, data in results.attachments():
+            written.append(write_bytes_atomically(out_dir / file_name, data))
         body = (json.dumps(results.as_json(), indent=1) + "\n").encode()
         return write_bytes_atomically(out_dir / RESULTS_FILE, body)
     except BaseException:

@@ -3,7 +3,8 @@
 
 CIRCUS CS hands a plug-in numbered volumes (``N.mhd|N.raw|N.json``, read by
 :mod:`services.core.io.circus`) and reads back ``results.json``:
-``{"results": {"lesionCandidates": [...], "volumes": [...]}, "metadata": {...}}``. A candidate's
+``{"results": {"lesionCandidates": [...], "volumes": [...]}, "metadata": {...}}`` from a detection
+plug-in, ``{"results": {"anomaly": {...}}, "metadata": {...}}`` and a PNG from an anomaly one. A candidate's
 ``location`` is a voxel index ``[x, y, z]`` of the volume *as stored* in ``N.raw`` (so a head-first
 series with negative z spacing counts z from its first stored slice), ``rank`` is unique from 1 and
 ``volumeId`` names the input volume. An overlay (``results.volumes[]``) is a voxel box: ``origin``
@@ -16,6 +17,7 @@ types here refuse what the schemas refuse, so a plug-in cannot write a file CIRC
 
 from __future__ import annotations
 
+import enum
 import gzip
 import math
 import re
@@ -27,10 +29,13 @@ from services.core.errors import InputError
 
 __all__ = [
     "CAPABILITIES",
+    "AnomalyResult",
     "Capability",
     "LesionCandidate",
+    "PluginKind",
     "PluginManifest",
     "PluginResults",
+    "ResultImage",
     "VolumeOverlay",
     "capability_named",
 ]
@@ -52,27 +57,50 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 #: The per-candidate verdicts a reader chooses from, in the order CIRCUS stores as 0, 1.
 FEEDBACK_CHOICES = ("TP", "FP")
+#: The reader's verdict on a whole image an anomaly plug-in scored (stored as the value itself).
+VERDICT_CHOICES = ("normal", "abnormal")
+#: The Gallery image of an anomaly plug-in: CIRCUS's displayStrategy names its files up front.
+ANOMALY_FIGURE = "anomaly-map.png"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class PluginKind(enum.Enum):
+    """What a plug-in reports, which fixes its ``results.json`` and its display."""
+
+    #: Ranked lesion candidates (LesionCandidates, a TP/FP verdict per candidate).
+    DETECTION = "detection"
+    #: One image's anomaly score and map (Gallery, and the reader's normal/abnormal verdict).
+    ANOMALY = "anomaly"
 
 
 @dataclass(frozen=True)
 class Capability:
     """One wlcad capability offered as a plug-in.
 
-    ``detection_task``: the CADe task whose candidates the plug-in reports; ``overlays``: whether it
-    also estimates each candidate's mask (label estimation) and attaches it as a VolumeOverlay.
-    A radiograph task (``dims == 2``) takes CIRCUS's 2D input: a volume of one slice (DimSize X Y 1).
+    ``task``: the CADe task whose candidates the plug-in reports (``kind`` DETECTION) or the anomaly
+    task it scores with (ANOMALY); ``overlays``: whether a detection plug-in also estimates each
+    candidate's mask (label estimation) and attaches it as a VolumeOverlay. A radiograph task takes
+    CIRCUS's 2D input: a volume of one slice (DimSize X Y 1).
     """
 
     name: str
     plugin_name: str
-    detection_task: str
+    task: str
     overlays: bool
     description: str
     caption: str
+    kind: PluginKind = PluginKind.DETECTION
+
+    def __post_init__(self) -> None:
+        if self.overlays and self.kind is not PluginKind.DETECTION:
+            raise ValueError(f"{self.name}: only a detection plug-in attaches mask overlays")
 
     def display_strategy(self) -> list[dict[str, Any]]:
         """What CIRCUS shows: the ranked candidates (reader feedback per candidate), and for label
-        estimation the masks over the image."""
+        estimation the masks over the image; for an anomaly plug-in the image beside its anomaly map,
+        labelled with the score, and the reader's verdict on the whole image."""
+        if self.kind is PluginKind.ANOMALY:
+            return self._anomaly_display()
         # The reader marks each candidate TP or FP with CIRCUS's Choice listener (the value stored is the
         # option's index), which is what ``wlcad feedback ingest --choices TP,FP`` reads back.
         verdicts = {"feedbackListener": {"type": "Choice", "options": {"personal": list(FEEDBACK_CHOICES)}}}
@@ -89,6 +117,33 @@ class Capability:
                 {"type": "VolumeOverlay", "feedbackKey": "volumeOverlay", "caption": "Lesion masks"}
             )
         return strategy
+
+    def _anomaly_display(self) -> list[dict[str, Any]]:
+        labels = [
+            {"customLabel": "score (bits/dim):", "dataPath": "results.anomaly.score"},
+            {
+                "customLabel": "above % of validation normals:",
+                "dataPath": "results.anomaly.percentileAmongNormals",
+            },
+            {"customLabel": "z among normals:", "dataPath": "results.anomaly.z"},
+        ]
+        return [
+            {
+                "type": "Gallery",
+                "caption": self.caption,
+                "options": {
+                    "imageInfo": [
+                        {"fileName": ANOMALY_FIGURE, "labelData": labels, "labelPosition": "bottom"}
+                    ]
+                },
+            },
+            {
+                "type": "Choice",
+                "feedbackKey": "verdict",
+                "caption": "Reader's verdict on the image",
+                "options": {"personal": [{"caption": v, "value": v} for v in VERDICT_CHOICES]},
+            },
+        ]
 
 
 CAPABILITIES: dict[str, Capability] = {
@@ -125,6 +180,15 @@ CAPABILITIES: dict[str, Capability] = {
             overlays=True,
             description="wlcad lung nodule candidates on chest CT with each nodule's estimated mask as an overlay",
             caption="Lung nodule candidates",
+        ),
+        Capability(
+            "cxr-anomaly",
+            "wlcad-cxr-anomaly",
+            "cxr-anomaly",
+            overlays=False,
+            description="wlcad anomaly score of a chest radiograph (normalising flows trained on normal/abnormal labels only)",
+            caption="Anomaly map",
+            kind=PluginKind.ANOMALY,
         ),
     )
 }
@@ -212,22 +276,97 @@ class VolumeOverlay:
 
 
 @dataclass(frozen=True)
+class ResultImage:
+    """A picture attached to the results (what a Gallery display shows): a plain file name, PNG bytes."""
+
+    file_name: str
+    data: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not (_NAME.match(self.file_name) and self.file_name.endswith(".png")):
+            raise InputError(
+                f"{self.file_name[:64]!r} is not a plain .png file name", field="imageInfo.fileName"
+            )
+        if not self.data.startswith(_PNG_SIGNATURE):
+            raise InputError("is not PNG data", field="imageInfo.fileName")
+
+
+@dataclass(frozen=True)
+class AnomalyResult:
+    """``results.anomaly``: how abnormal volume ``volume_id`` looks, as ``wlcad score`` says it
+    (score in ``units``, higher = more abnormal; percentile and z among the model card's validation
+    normals), the model that said it, and the figure attached for the reader."""
+
+    volume_id: int
+    score: float
+    units: str
+    percentile_among_normals: float
+    z: float
+    model_version: str
+    calibration_normals: int
+    figure: str = ANOMALY_FIGURE
+
+    def __post_init__(self) -> None:
+        if self.volume_id < 0:
+            raise InputError(f"must be ≥ 0, got {self.volume_id}", field="anomaly.volumeId")
+        if not (math.isfinite(self.score) and math.isfinite(self.z)):
+            raise InputError("score and z must be finite", field="anomaly.score")
+        if not 0.0 <= self.percentile_among_normals <= 100.0:
+            raise InputError(
+                f"must lie in [0, 100], got {self.percentile_among_normals}",
+                field="anomaly.percentileAmongNormals",
+            )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "volumeId": int(self.volume_id),
+            "score": float(self.score),
+            "units": self.units,
+            "percentileAmongNormals": float(self.percentile_among_normals),
+            "z": float(self.z),
+            "model": self.model_version,
+            "calibrationNormals": int(self.calibration_normals),
+            "figure": self.figure,
+        }
+
+
+@dataclass(frozen=True)
 class PluginResults:
-    """Everything one run hands back: candidates ranked 1.. by confidence, overlays, metadata."""
+    """Everything one run hands back: candidates ranked 1.. by confidence and their overlays (a
+    detection plug-in), or one image's anomaly score and its figure (an anomaly plug-in); metadata."""
 
     candidates: tuple[LesionCandidate, ...]
     overlays: tuple[VolumeOverlay, ...]
     metadata: dict[str, Any]
+    anomaly: AnomalyResult | None = None
+    images: tuple[ResultImage, ...] = ()
 
     def __post_init__(self) -> None:
         ranks = sorted(c.rank for c in self.candidates)
         if ranks != list(range(1, len(ranks) + 1)):
             raise InputError(f"ranks must be 1..{len(ranks)}, each once; got {ranks}", field="rank")
-        names = [o.name for o in self.overlays]
-        if len(set(names)) != len(names):
-            raise InputError("overlay names must be unique", field="volumes.name")
+        if self.anomaly is not None and (self.candidates or self.overlays):
+            raise InputError("an anomaly result carries no candidates or overlays", field="results")
+        files = [o.raw_file for o in self.overlays] + [i.file_name for i in self.images]
+        if len(set(files)) != len(files):
+            raise InputError("attachment names must be unique", field="volumes.name")
+        if self.anomaly is not None and self.anomaly.figure not in files:
+            raise InputError(f"names {self.anomaly.figure!r}, which is not attached", field="anomaly.figure")
+
+    def attachments(self) -> list[tuple[str, bytes]]:
+        """(file name, bytes) of every file beside ``results.json``."""
+        return [(o.raw_file, o.data) for o in self.overlays] + [(i.file_name, i.data) for i in self.images]
+
+    def summary(self) -> str:
+        """One line for a log or a progress event (counts and numbers, nothing about the patient)."""
+        if self.anomaly is not None:
+            a = self.anomaly
+            return f"score {a.score:.4f} {a.units}, above {a.percentile_among_normals:.1f} % of normals"
+        return f"{len(self.candidates)} candidate(s), {len(self.overlays)} overlay(s)"
 
     def as_json(self) -> dict[str, Any]:
+        if self.anomaly is not None:
+            return {"results": {"anomaly": self.anomaly.as_json()}, "metadata": self.metadata}
         results: dict[str, Any] = {"lesionCandidates": [c.as_json() for c in self.candidates]}
         if self.overlays:
             results["volumes"] = [o.as_json() for o in self.overlays]

@@ -420,8 +420,8 @@ class _Handler(BaseHTTPRequestHandler):
             log.warning("job %s failed: %s", request_id, type(exc).__name__)
             emit("error", f"internal error ({type(exc).__name__})")
         else:
-            log.info("job %s finished: %d candidate(s)", request_id, len(results.candidates))
-            emit("log", f"{len(results.candidates)} candidate(s), {len(results.overlays)} overlay(s)")
+            log.info("job %s finished", request_id)
+            emit("log", results.summary())
             emit("finished", request_id)
         finally:
             shutil.rmtree(job_dir / "in", ignore_errors=True)

@@ -64,9 +64,7 @@ def _run_plugin(args: argparse.Namespace) -> int:
         capability, args.in_dir, repository=args.model_repository, method=args.method, progress=progress
     )
     path = write_results(results, args.out)
-    print(
-        f"{capability.name}: {len(results.candidates)} candidate(s), {len(results.overlays)} overlay(s) → {path}"
-    )
+    print(f"{capability.name}: {results.summary()} → {path}")
     return 0
 
 

@@ -64,7 +64,7 @@ class _Client:
 
 def _overlay(image: Volume, response: anomaly_pb2.ScoreResponse, path: Path) -> Volume:
     """The map on the image grid, drawn as ``wlcad score --overlay`` draws it."""
-    from services.cli.score_cmd import render_score_overlay
+    from services.anomaly.figure import write_score_figure
 
     on_image = volume_from_proto(response.map).resample(reference=image, output_dtype=np.float32)
     document = {
@@ -76,7 +76,7 @@ def _overlay(image: Volume, response: anomaly_pb2.ScoreResponse, path: Path) -> 
         "z": response.z,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    render_score_overlay(image, on_image, document, response.calibration_normals, path)
+    write_score_figure(image, on_image, document, response.calibration_normals, path)
     return on_image
 
 

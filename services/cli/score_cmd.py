@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from services.core.errors import InputError
-from services.core.volume import Volume
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -99,6 +98,7 @@ def _scorer(args: argparse.Namespace, task):
 
 
 def run(args: argparse.Namespace) -> int:
+    from services.anomaly.figure import write_score_figure
     from services.anomaly.tasks import anomaly_task
     from services.batch.score import score_document
     from services.core.io import read_image, write_image
@@ -121,9 +121,7 @@ def run(args: argparse.Namespace) -> int:
         if args.map is not None:
             write_image(on_image, args.map)
         if args.overlay is not None:
-            render_score_overlay(
-                image, on_image, document, len(scorer.calibration.normal_scores), args.overlay
-            )
+            write_score_figure(image, on_image, document, len(scorer.calibration.normal_scores), args.overlay)
     write_json(args.out, document)
     print(
         f"{task.name}: score {result.score:.4f} {result.units}, above {result.percentile_among_normals:.1f} % "
@@ -142,53 +140,3 @@ def _run_batch(args: argparse.Namespace, task) -> int:
             raise InputError("is for one image; a batch writes scores and a worklist", field=option)
     with _scorer(args, task) as scorer:
         return run_score_batch(scorer, args.manifest, args.out, shard)
-
-
-def _display_slice(image: Volume, score_map: Volume) -> int:
-    """The axial slice shown: the one whose map is highest on average (a radiograph has one)."""
-    return int(np.argmax(score_map.array.reshape(score_map.array.shape[0], -1).mean(axis=1)))
-
-
-def render_score_overlay(
-    image: Volume, score_map: Volume, document: dict, n_normals: int, path: Path
-) -> Path:
-    """The image in its reading window beside the same image under the anomaly map (bits/pixel,
-    colour bar), titled with the score, its percentile among the validation normals and z."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from services.core.atomic import atomic_output
-    from services.core.overlay import BRAIN, PERCENTILE, apply_window
-
-    k = _display_slice(image, score_map)
-    plane = np.asarray(image.array[k], dtype=np.float64)
-    window = BRAIN if document["task"] == "head-ct-anomaly" else PERCENTILE
-    grey = apply_window(plane, window)
-    heat = np.asarray(score_map.array[k], dtype=np.float64)
-    low, high = np.percentile(heat, [2.0, 99.8])
-    spacing = np.asarray(image.spacing, dtype=np.float64)
-    aspect = float(spacing[1] / spacing[0])
-    figure = Figure(figsize=(10.0, 5.6))
-    FigureCanvasAgg(figure)
-    left, right = figure.subplots(1, 2)
-    left.imshow(grey, cmap="gray", vmin=0, vmax=255, aspect=aspect)
-    left.set_title("image" + ("" if image.array.shape[0] == 1 else f" (slice {k})"), fontsize=9)
-    right.imshow(grey, cmap="gray", vmin=0, vmax=255, aspect=aspect)
-    shown = right.imshow(
-        heat, cmap="inferno", vmin=low, vmax=max(high, low + 1e-9), alpha=0.55, aspect=aspect
-    )
-    right.set_title("anomaly map (bits/pixel; mean = score)", fontsize=9)
-    figure.colorbar(shown, ax=right, fraction=0.046, pad=0.04)
-    for axes in (left, right):
-        axes.set_axis_off()
-    figure.suptitle(
-        f"wlcad score {document['task']} · {document['model_version']}\n"
-        f"score {document['score']:.4f} {document['units']} · above "
-        f"{document['percentile_among_normals']:.1f} % of {n_normals} validation normals · z "
-        f"{document['z']:+.2f} · not a diagnosis",
-        fontsize=10,
-    )
-    figure.tight_layout(rect=(0.0, 0.0, 1.0, 0.9))
-    with atomic_output(path, suffix=".png") as temporary:
-        figure.savefig(temporary, format="png", dpi=110)
-    return Path(path)
