@@ -19,6 +19,7 @@ from services.anomaly.tasks import TASKS, anomaly_task
 from services.core.errors import InputError
 from services.core.volume import Volume
 from services.inference.export import register_onnx_model
+from training.anomaly import fanogan
 from training.anomaly.export import export_glow, export_two_flow
 from training.anomaly.glow import Glow
 
@@ -97,7 +98,8 @@ def test_two_flow_score_is_the_difference_of_nlls():
 
 @pytest.fixture(scope="module")
 def tiny_repository(tmp_path_factory):
-    """A tiny 2D Glow and two-flow pair, registered with calibration as training ships them."""
+    """A tiny 2D Glow, two-flow pair and f-AnoGAN (untrained), registered with calibration as
+    training ships them."""
     root = tmp_path_factory.mktemp("anomaly_repo")
     torch.manual_seed(0)
     x = torch.rand(8, 1, 64, 64) - 0.5
@@ -107,9 +109,12 @@ def tiny_repository(tmp_path_factory):
         flow(x)
         flows.append(flow.eval())
     calibration = Calibration.from_scores([5.0, 6.0, 7.0], seed=1302).to_json()
+    torch.manual_seed(0)
+    gan = fanogan.FAnoGanScore(fanogan.Generator(8, 4), fanogan.Critic(4), fanogan.Encoder(8, 4)).eval()
     for name, onnx_bytes in (
         ("glow", export_glow(flows[0], (64, 64))),
         ("two-flow", export_two_flow(flows[0], flows[1], (64, 64))),
+        ("gan", fanogan.export_fanogan(gan, (64, 64))),
     ):
         register_onnx_model(
             root,
@@ -123,11 +128,11 @@ def tiny_repository(tmp_path_factory):
             instance_kind="KIND_CPU",
             extra={"calibration": calibration},
         )
-    return root, flows
+    return root, flows, gan
 
 
 def test_scorer_scores_through_the_backend(tiny_repository):
-    root, flows = tiny_repository
+    root, flows, _ = tiny_repository
     volume = Volume(_radiograph(3, 128, 120), (1.0, 1.0, 1.0))
     x = model_input(volume, CXR)
     with torch.no_grad():
@@ -164,10 +169,29 @@ def test_scorer_scores_through_the_backend(tiny_repository):
     assert nll["nll_mixture_bits_per_dim"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_fanogan_scores_through_the_backend_as_torch_does(tiny_repository):
+    """The served f-AnoGAN is the trained module: score = image + κ × critic-feature residual (so at
+    least the map's mean, the image term), the map the per-pixel squared residual on [−1, 1]."""
+    root, _, gan = tiny_repository
+    volume = Volume(_radiograph(5, 128, 120), (1.0, 1.0, 1.0))
+    x = torch.from_numpy(model_input(volume, CXR))
+    with torch.no_grad():
+        expected, residual = (t.numpy() for t in gan(x))
+        scaled = x * 2 - 1
+        image_term = float(((scaled - gan.generator(gan.encoder(scaled))) ** 2).mean())
+    with AnomalyScorer("cxr-anomaly", "gan", repository=root, setting="embedded") as scorer:
+        result, score_map = scorer.score_with_map(volume)
+    assert result.units == "squared residual" and result.components == {}
+    assert result.score == pytest.approx(float(expected[0]), rel=1e-5)
+    assert float(score_map.array.mean()) == pytest.approx(image_term, rel=1e-4)
+    assert result.score > float(score_map.array.mean()) > 0.0  # the feature term adds, never subtracts
+    np.testing.assert_allclose(score_map.array, residual[0], rtol=1e-4, atol=1e-6)
+
+
 def test_unknown_model_and_task_are_input_errors(tiny_repository):
-    root, _ = tiny_repository
+    root, _, _ = tiny_repository
     with pytest.raises(InputError) as info:
-        AnomalyScorer("cxr-anomaly", "gan", repository=root)
+        AnomalyScorer("cxr-anomaly", "vae", repository=root)
     assert info.value.field == "model"
     with pytest.raises(InputError) as info:
         AnomalyScorer("knee-mr", "glow", repository=root)
@@ -179,7 +203,7 @@ def test_unknown_model_and_task_are_input_errors(tiny_repository):
 
 def test_constant_input_to_the_raw_model_is_finite(tiny_repository):
     """What the pipeline refuses still has a defined value in the graph: never NaN."""
-    root, _ = tiny_repository
+    root, _, _ = tiny_repository
     session = ort.InferenceSession(str(root / CXR.model_name("glow") / "1" / "model.onnx"))
     for value in (0.5 / 256, 0.5, 255.5 / 256):
         log_px, nll_map = session.run(
@@ -197,7 +221,7 @@ def test_constant_input_to_the_raw_model_is_finite(tiny_repository):
     special=st.sampled_from(["none", "nan", "inf", "constant", "one-hot"]),
 )
 def test_every_input_is_a_finite_score_or_an_input_error(tiny_repository, rows, cols, scale, seed, special):
-    root, _ = tiny_repository
+    root, _, _ = tiny_repository
     session = _session(root)
     array = (np.random.default_rng(seed).random((1, rows, cols)) * scale).astype(np.float32)
     if special == "nan":

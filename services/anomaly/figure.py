@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services.anomaly.scoring import MAP_UNITS
 from services.core.volume import Volume
 
 __all__ = ["render_score_figure", "write_score_figure"]
@@ -22,8 +23,8 @@ def _display_slice(image: Volume, score_map: Volume) -> int:
 
 
 def render_score_figure(image: Volume, score_map: Volume, document: dict, n_normals: int) -> bytes:
-    """The image in its reading window beside the same image under the anomaly map (bits/pixel,
-    colour bar), titled with the score, its percentile among the validation normals and z."""
+    """The image in its reading window beside the same image under the anomaly map (in the model's
+    map units, colour bar), titled with the score, its percentile among the validation normals and z."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -46,7 +47,10 @@ def render_score_figure(image: Volume, score_map: Volume, document: dict, n_norm
     shown = right.imshow(
         heat, cmap="inferno", vmin=low, vmax=max(high, low + 1e-9), alpha=0.55, aspect=aspect
     )
-    right.set_title("anomaly map (bits/pixel; mean = score)", fontsize=9)
+    if document.get("model") == "gan":
+        right.set_title(f"anomaly map ({MAP_UNITS['gan']})", fontsize=9)
+    else:
+        right.set_title(f"anomaly map ({MAP_UNITS['glow']}; mean = score)", fontsize=9)
     figure.colorbar(shown, ax=right, fraction=0.046, pad=0.04)
     for axes in (left, right):
         axes.set_axis_off()

@@ -11,6 +11,9 @@ Scores (higher = more abnormal):
 * ``two-flow``: the log-posterior log p(x) − log p(x | normal) (+ const) of Shibata et al. 2021,
   from a flow on the unlabelled mix and a flow on normals, in bits/dim: NLL_normal − NLL_mixture.
   What both flows find simple (smooth, low-noise images: Nalisnick et al. 2019) cancels.
+* ``gan``: f-AnoGAN's residual (Schlegl et al. 2019) — the mean squared difference between the image
+  and its reconstruction G(E(x)) plus κ × that of the critic's features, on the networks' [−1, 1]
+  scale; its map is the per-pixel squared residual.
 """
 
 from __future__ import annotations
@@ -41,7 +44,12 @@ LOG_PX_NORMAL = "log_px_normal"
 #: NLL_normal − NLL_mixture. Each sums to (the score of) the whole image.
 NLL_MAP = "nll_map"
 SCORE_MAP = "score_map"
-UNITS = "bits/dim"
+#: f-AnoGAN's outputs: the score, and the per-pixel squared residual (its mean is the image term).
+GAN_SCORE = "score"
+RESIDUAL_MAP = "residual_map"
+#: Each served family's score units, and its map's (per pixel or voxel).
+UNITS = {"glow": "bits/dim", "two-flow": "bits/dim", "gan": "squared residual"}
+MAP_UNITS = {"glow": "bits/pixel", "two-flow": "bits/pixel", "gan": "squared residual/pixel"}
 DEFAULT_TIMEOUT_S = 60.0
 
 
@@ -59,19 +67,24 @@ def scores_from_outputs(model: str, outputs: dict[str, np.ndarray], task: Anomal
         nll_normal = bits_per_dim(outputs[LOG_PX_NORMAL], dims, task.levels)
         nll_mixture = bits_per_dim(outputs[LOG_PX_MIXTURE], dims, task.levels)
         return (nll_normal - nll_mixture).reshape(-1)
+    if model == "gan":
+        return np.asarray(outputs[GAN_SCORE], np.float64).reshape(-1)
     raise InputError(f"no served scorer for model {model!r}", field="model")
 
 
-def map_bits_per_pixel(model: str, outputs: dict[str, np.ndarray], task: AnomalyTask) -> np.ndarray:
-    """(n, *spatial) per-pixel map in bits whose mean over the pixels is the image's score."""
+def per_pixel_map(model: str, outputs: dict[str, np.ndarray], task: AnomalyTask) -> np.ndarray:
+    """(n, *spatial) per-pixel map in :data:`MAP_UNITS`: for the flows, bits whose mean over the
+    pixels is the image's score; for f-AnoGAN, the squared residual (its mean is the image term)."""
     if model == "glow":
         return ((np.asarray(outputs[NLL_MAP], np.float64) + math.log(task.levels)) / math.log(2.0))[:, 0]
     if model == "two-flow":
         return (np.asarray(outputs[SCORE_MAP], np.float64) / math.log(2.0))[:, 0]
+    if model == "gan":
+        return np.asarray(outputs[RESIDUAL_MAP], np.float64)[:, 0]
     raise InputError(f"no served scorer for model {model!r}", field="model")
 
 
-def model_grid_volume(image: Volume, array: np.ndarray) -> Volume:
+def model_grid_volume(image: Volume, array: np.ndarray, units: str = MAP_UNITS["glow"]) -> Volume:
     """``array`` (the model's (z, y, x) shape) as a Volume covering ``image``'s world box: the grid
     the preprocessing resized onto (pixel centres scaled about the box, as ``skimage`` resizes)."""
     old = np.asarray(image.shape_xyz, dtype=np.float64)
@@ -79,7 +92,7 @@ def model_grid_volume(image: Volume, array: np.ndarray) -> Volume:
     scale = old / new
     origin = image.index_to_world((scale - 1.0) / 2.0)
     spacing = tuple(float(s) for s in np.asarray(image.spacing) * scale)
-    return Volume(array.astype(np.float32), spacing, tuple(origin), image.direction, {"units": "bits/pixel"})
+    return Volume(array.astype(np.float32), spacing, tuple(origin), image.direction, {"units": units})
 
 
 @dataclass(frozen=True)
@@ -138,8 +151,8 @@ class AnomalyScorer:
         return self.score_with_map(volume)[0]
 
     def score_with_map(self, volume: Volume) -> tuple[AnomalyScore, Volume]:
-        """The score and its per-pixel map in bits/pixel on the model grid over the image's world box
-        (:func:`model_grid_volume`; the map's mean is the score). Resample it onto the image with
+        """The score and its per-pixel map (:data:`MAP_UNITS`) on the model grid over the image's world
+        box (:func:`model_grid_volume`; for a flow the map's mean is the score). Resample it onto the image with
         ``Volume.resample(reference=image)`` for an overlay."""
         scores, outputs = self.raw_scores(model_input(volume, self.task))
         value = float(scores[0])
@@ -153,18 +166,18 @@ class AnomalyScorer:
             for name, array in outputs.items()
             if name.startswith(LOG_PX)
         }
-        score_map = map_bits_per_pixel(self.model, outputs, self.task)[0]
+        score_map = per_pixel_map(self.model, outputs, self.task)[0]
         result = AnomalyScore(
             task=self.task.name,
             model=self.model,
             model_version=self.version,
             score=value,
-            units=UNITS,
+            units=UNITS[self.model],
             percentile_among_normals=self.calibration.percentile(value),
             z=self.calibration.z(value),
             components=components,
         )
-        return result, model_grid_volume(volume, score_map.reshape(self.task.shape))
+        return result, model_grid_volume(volume, score_map.reshape(self.task.shape), MAP_UNITS[self.model])
 
     def close(self) -> None:
         self._backend.close()

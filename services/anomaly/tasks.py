@@ -10,8 +10,8 @@ from services.cade.preprocess import Intensity
 from services.core.errors import InputError
 
 #: Model families a task can be scored with (``wlcad score --model``).
-MODELS = ("glow", "two-flow", "baseline")
-ModelKind = Literal["glow", "two-flow", "baseline"]
+MODELS = ("glow", "two-flow", "gan", "baseline")
+ModelKind = Literal["glow", "two-flow", "gan", "baseline"]
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Served model families, best first: an empty ``--model`` takes the first the repository holds.
-SERVED_MODELS = ("two-flow", "glow")
+#: Served families, in the order a task's default is picked (the best the repository holds first).
+SERVED_MODELS = ("two-flow", "glow", "gan")
 SUMMARY_FOLDER = "summary"
 WORKLIST = "worklist.csv"
 WORKLIST_COLUMNS = (
@@ -60,8 +61,8 @@ def model_versions(task: AnomalyTask, model: str, repository: Path) -> list[int]
 
 
 def resolve_model(task: AnomalyTask, model: str | None, repository: Path) -> str:
-    """``model`` checked (``glow`` or ``two-flow``), or, when empty, the best family the repository
-    holds for ``task`` (two-flow, then glow). Raises InputError naming ``model``."""
+    """``model`` checked (one of :data:`SERVED_MODELS`), or, when empty, the best family the
+    repository holds for ``task`` (two-flow, then glow, then gan). Raises InputError naming ``model``."""
     if model:
         if model not in SERVED_MODELS:
             raise InputError(f"unknown model {model!r}; served: {', '.join(SERVED_MODELS)}", field="model")
@@ -69,7 +70,7 @@ def resolve_model(task: AnomalyTask, model: str | None, repository: Path) -> str
     for candidate in SERVED_MODELS:
         if model_versions(task, candidate, repository):
             return candidate
-    return SERVED_MODELS[-1]  # none there: the caller's availability check names what is missing
+    return "glow"  # none there: the caller's availability check names the model that is missing
 
 
 def model_version_name(task: AnomalyTask, model: str, version: int) -> str:

@@ -27,7 +27,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         description=(
             "The model anomaly_<task>_<model> must be in the model repository; its card holds the "
             "validation normals the percentile and z come from. --model: two-flow (the posterior of a "
-            "flow on an unlabelled mix and a flow on normals) or glow (the normal flow's NLL); default "
+            "flow on an unlabelled mix and a flow on normals), glow (the normal flow's NLL) or gan "
+            "(f-AnoGAN's reconstruction residual); default "
             "the first of these the repository holds. Batch: --manifest M --out DIR (resumable: cases "
             "whose JSON exists are skipped; DIR/worklist.csv ranks the cases most-abnormal first)."
         ),
@@ -41,7 +42,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--map",
         type=Path,
         metavar="MAP.nii.gz",
-        help="also write the anomaly map (bits/pixel) on the image grid",
+        help="also write the anomaly map (a flow's bits/pixel, f-AnoGAN's squared residual) on the image grid",
     )
     parser.add_argument(
         "--overlay", type=Path, metavar="PNG", help="also write the map over the image as PNG"

@@ -138,7 +138,7 @@ class AnomalyScoringServicer(CapabilityServicer):
             model_version=status.model_version,
             dims=task.dims,
             model_shape_xyz=list(task.shape[::-1]),
-            units=UNITS,
+            units=UNITS[model],
             is_default=resolve_model(task, "", self.repository) == model,
         )
         if status.available:

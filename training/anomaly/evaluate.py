@@ -1,9 +1,10 @@
 """Compare every anomaly method on the SAME test cases in one run, and ship what beats the baseline.
 
-Methods: the PCA baseline (fitted on the training normals), the normal Glow (``--glow``) and the
-two-flow posterior (``--mixture`` and ``--normal`` flows). Flows are scored through their exported
-ONNX graphs with :func:`services.anomaly.scoring.scores_from_outputs`, the serving code, after
-checking the export against torch. Reported per method: test ROC-AUC with a bootstrap 95 % CI
+Methods: the PCA baseline (fitted on the training normals), the normal Glow (``--glow``), the
+two-flow posterior (``--mixture`` and ``--normal`` flows) and f-AnoGAN (``--gan``). Each is scored
+through its exported ONNX graph with :func:`services.anomaly.scoring.scores_from_outputs`, the
+serving code, after checking the export against torch; ``--shipped glow,two-flow`` scores the newest
+shipped graphs of those families on the same cases too (as references: never re-shipped). Reported per method: test ROC-AUC with a bootstrap 95 % CI
 (1,000 case resamples), per finding type (that type's cases against all test normals),
 sensitivity at 95 % specificity and the validation AUC. ``--ship`` registers each learned model
 whose test AUC beats the baseline's, its card holding the commands, seeds, metrics and the
@@ -32,6 +33,7 @@ from services.anomaly.tasks import AnomalyTask, anomaly_task
 from services.evaluation.bootstrap import bootstrap_auc
 from services.evaluation.roc import roc_auc, roc_curve
 from services.inference.export import register_onnx_model
+from training.anomaly import fanogan
 from training.anomaly.baseline import PcaBaseline
 from training.anomaly.data import Split, load_split
 from training.anomaly.export import export_glow, export_two_flow
@@ -122,6 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--glow", type=Path, help="run folder of the normal Glow")
     parser.add_argument("--mixture", type=Path, help="run folder of the two-flow model's mixture flow")
     parser.add_argument("--normal", type=Path, help="run folder of the two-flow model's normal flow")
+    parser.add_argument(
+        "--gan", type=Path, help="run folder of the f-AnoGAN (python -m training.anomaly.fanogan)"
+    )
+    parser.add_argument(
+        "--shipped",
+        default="",
+        help="families whose newest shipped graph is scored alongside (e.g. glow,two-flow)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ship", action="store_true", help="register models that beat the baseline")
     parser.add_argument("--repository", type=Path, default=_REPO_ROOT / "model_repository")
@@ -152,12 +162,20 @@ def main(argv: list[str] | None = None) -> dict:
         runs = unique_runs(lineage(args.mixture), lineage(args.normal))
         models["two-flow"] = (export_two_flow(mixture, normal, task.spatial), [mixture, normal], runs)
     export_error: dict[str, float] = {}
-    for name, (onnx_bytes, flows, _) in models.items():
-        export_error[name] = export_matches_torch(onnx_bytes, flows, validation, task)
+    if args.gan:
+        gan, gan_meta = fanogan.load(args.gan / fanogan.CHECKPOINT)
+        models["gan"] = (fanogan.export_fanogan(gan, task.spatial), [], [gan_meta])
+        sample = dequantise_centre(validation.levels[:4], task.levels).reshape(-1, 1, *task.spatial)
+        export_error["gan"] = fanogan.export_matches_torch(models["gan"][0], gan, sample)
+    references = shipped_graphs(args.repository, task, [m for m in args.shipped.split(",") if m])
+    for name, (onnx_bytes, flows, _) in {**models, **references}.items():
+        if flows:
+            export_error[name] = export_matches_torch(onnx_bytes, flows, validation, task)
         started = time.perf_counter()
+        family = name.split("@", 1)[0]
         scores[name] = {
-            "validation": onnx_scores(onnx_bytes, name, validation, task),
-            "test": onnx_scores(onnx_bytes, name, test, task),
+            "validation": onnx_scores(onnx_bytes, family, validation, task),
+            "test": onnx_scores(onnx_bytes, family, test, task),
         }
         seconds[name] = time.perf_counter() - started
 
@@ -168,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
             "scoring_seconds_validation_and_test": round(seconds[name], 1),
         }
         if name in export_error:
-            results[name]["onnx_vs_torch_max_abs_log_px"] = export_error[name]
+            what = "score" if name == "gan" else "log_px"
+            results[name][f"onnx_vs_torch_max_abs_{what}"] = export_error[name]
     summary = {
         "task": args.task,
         "command": command,
@@ -201,6 +220,24 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def shipped_graphs(
+    repository: Path, task: AnomalyTask, families: list[str]
+) -> dict[str, tuple[bytes, list, list]]:
+    """``family@shipped-vN`` → the newest shipped ONNX of ``anomaly_<task>_<family>`` (a reference)."""
+    from services.inference.repository import ModelRepository
+
+    out: dict[str, tuple[bytes, list, list]] = {}
+    repo = ModelRepository(repository)
+    for family in families:
+        name = task.model_name(family)
+        versions = repo.versions(name)
+        if not versions:
+            raise SystemExit(f"--shipped {family}: {name} is not in {repository}")
+        graph = repo.model_dir(name) / str(versions[-1]) / "model.onnx"
+        out[f"{family}@shipped-v{versions[-1]}"] = (graph.read_bytes(), [], [])
+    return out
+
+
 def ship(args, task, plan, name, onnx_bytes, metas, scores, validation, results, command) -> None:
     normal_val = scores["validation"][~validation.abnormal]
     calibration = Calibration.from_scores(
@@ -211,6 +248,9 @@ def ship(args, task, plan, name, onnx_bytes, metas, scores, validation, results,
         {f"baseline_{k}": float(v) for k, v in results["baseline"].items() if k.startswith("test_auc")}
     )
     metrics["training_seconds"] = float(sum(m.get("seconds", 0.0) for m in metas))
+    if name == "gan":
+        _ship_gan(args, task, plan, onnx_bytes, metas[0], metrics, calibration, command)
+        return
     what = (
         "normal Glow: score = NLL in bits/dim"
         if name == "glow"
@@ -241,6 +281,32 @@ def ship(args, task, plan, name, onnx_bytes, metas, scores, validation, results,
         extra={"calibration": calibration.to_json(), "score_units": "bits/dim", "trainings": metas},
     )
     print(f"shipped {task.model_name(name)}")
+
+
+def _ship_gan(args, task, plan, onnx_bytes, meta, metrics, calibration, command) -> None:
+    register_onnx_model(
+        args.repository,
+        task.model_name("gan"),
+        onnx_bytes,
+        command=f"{meta['command']} && {command}",
+        data_manifest=(
+            f"{task.name} phantoms: train seed {plan.seeds.train} normals ({meta['train_cases']} of "
+            f"{plan.cases['train']} cases), validation seed {plan.seeds.validation} × {plan.cases['validation']} "
+            f"(calibration), test seed {plan.seeds.test} × {plan.cases['test']}"
+        ),
+        seed=int(meta.get("seed", 0)),
+        metrics=metrics,
+        description=(
+            f"{task.name} f-AnoGAN baseline (WGAN-GP {meta['steps']} generator steps, then the izi_f encoder "
+            f"{meta['encoder_steps']} steps; latent {meta['latent']}, width {meta['width']}): score = mean "
+            f"squared residual of x − G(E(x)) + {fanogan.KAPPA} × that of the critic's features, on [−1, 1]. "
+            f"Input 'image' (n,1,{','.join(map(str, task.spatial))}) in [0,1] (services.anomaly.preprocess); "
+            "outputs 'score' (n) and 'residual_map' (n,1,...)."
+        ),
+        max_batch_size=8,
+        extra={"calibration": calibration.to_json(), "score_units": "squared residual", "trainings": [meta]},
+    )
+    print(f"shipped {task.model_name('gan')}")
 
 
 if __name__ == "__main__":
