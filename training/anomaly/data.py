@@ -1,7 +1,7 @@
 """Phantom cases of one split, preprocessed exactly as serving does and cached as grey levels.
 
 Generating a head CT costs about a second, so each (task, seed, n) is generated once and kept as
-``<cache>/<task>_s<seed>_n<n>.npz``: uint8 levels at the model shape, the presence label and the
+``<cache>/<task>_s<seed>_n<n>_l<levels>.npz``: uint8 levels at the model shape, the presence label and the
 finding type of every case (``normal`` for normals).
 """
 
@@ -45,9 +45,9 @@ class Split:
 def load_split(task: str, seed: int, n: int, cache: Path | None = None, progress: bool = True) -> Split:
     """Cases 0..n−1 of (task, seed), from the cache or generated (and cached) now."""
     cache = cache or default_cache()
-    path = cache / f"{task}_s{seed}_n{n}.npz"
+    spec = anomaly_task(task)
+    path = cache / f"{task}_s{seed}_n{n}_l{spec.levels}.npz"  # the levels too: they change the cache
     if not path.is_file():
-        spec = anomaly_task(task)
         levels = np.zeros((n, *spec.shape), np.uint8)
         abnormal = np.zeros(n, bool)
         finding = []
