@@ -1,8 +1,9 @@
 """Anomaly scoring speed (issue 13: goal ≤ 50 ms, bar ≤ 100 ms per radiograph on 2 cores; per head CT
 volume reported): the shipped ``anomaly_<task>_<model>`` models through :class:`AnomalyScorer`
 (embedded onnxruntime, what ``wlcad score`` will run), on full-size phantoms generated in memory.
-Preprocessing (intensity scale + resize + quantisation) and the network are timed apart. Triton is
-not measured here (``--setting triton://host:port`` runs the same code against a server).
+Preprocessing (intensity scale + resize + quantisation) and the network are timed apart.
+``--setting triton://host:port`` runs the same code against a Triton server (e.g. ``wlcad triton``);
+docs/anomaly.md has both columns, run one after the other on the same cores.
 
 The process is pinned to ``--cores`` CPUs. No asserts on speed: the numbers are printed for the note.
 
