@@ -40,8 +40,9 @@ SCHEMAS = REPO_ROOT / "schemas" / "circus"
 RESULTS_SCHEMA = json.loads((SCHEMAS / "results.schema.json").read_text())
 PLUGIN_SCHEMA = json.loads((SCHEMAS / "plugin.schema.json").read_text())
 SECRET = "circus-test-secret-0123456789"
-#: Small phantoms: a chest CT of 96 × 96 × 48 voxels, a radiograph of 256 × 256 (test seeds).
-CT_SIZE, CXR_SIZE = (96, 96, 48), (256, 256, 1)
+#: Small phantoms: a chest CT of 96 × 96 × 48 voxels, a radiograph of 256 × 256, a TOF-MRA slab of
+#: 128 × 128 × 64 (test seeds).
+CT_SIZE, CXR_SIZE, MRA_SIZE = (96, 96, 48), (256, 256, 1), (128, 128, 64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,6 +206,11 @@ def radiograph(tmp_path_factory) -> Lesion:
 
 
 @pytest.fixture(scope="module")
+def aneurysm(tmp_path_factory) -> Lesion:
+    return _largest_lesion("head-mra-aneurysm", 1503, 2, MRA_SIZE, tmp_path_factory.mktemp("mra"))
+
+
+@pytest.fixture(scope="module")
 def anomaly_radiographs(tmp_path_factory) -> dict[str, Path]:
     """A normal radiograph and one with cardiomegaly from the cxr-anomaly test seed (1303, never
     used to train or calibrate): finding type → DICOM series folder."""
@@ -250,6 +256,17 @@ def test_a_radiograph_is_a_one_slice_volume(radiograph, tmp_path) -> None:
     results = check_results(tmp_path / "out", [volume])
     assert hits(results, volume, radiograph.center_mm, radiograph.diameter_mm)
     assert {c["location"][2] for c in results["results"]["lesionCandidates"]} == {0}
+
+
+def test_head_mra_aneurysm_candidates_land_on_the_aneurysm(aneurysm, tmp_path) -> None:
+    """The ADAM hit rule: a top-3 candidate's centre within the aneurysm's maximum radius; the slab is
+    stored head-first (negative z spacing), as a TOF-MRA series often is."""
+    volume = circus_input(aneurysm.series, tmp_path / "in", head_first=True)
+    done = run_plugin("head-mra-aneurysm", volume.folder, tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    results = check_results(tmp_path / "out", [volume])
+    assert hits(results, volume, aneurysm.center_mm, aneurysm.diameter_mm), results
+    assert results["metadata"]["model"].startswith("cade_head-mra-aneurysm/")
 
 
 def test_label_estimation_overlays_cover_the_nodule(chest, tmp_path) -> None:
@@ -579,11 +596,11 @@ def _remote_job(remote: Remote, volume: CircusVolume, out: Path) -> dict:
     return check_results(out, [volume])
 
 
-@pytest.mark.parametrize("task", ["chest-ct-nodule", "cxr-mass", "label-estimation"])
+@pytest.mark.parametrize("task", ["chest-ct-nodule", "cxr-mass", "head-mra-aneurysm", "label-estimation"])
 def test_remote_run_streams_events_and_returns_the_docker_plugins_results(
-    remotes, chest, radiograph, tmp_path, task
+    remotes, chest, radiograph, aneurysm, tmp_path, task
 ) -> None:
-    lesion = radiograph if task == "cxr-mass" else chest
+    lesion = {"cxr-mass": radiograph, "head-mra-aneurysm": aneurysm}.get(task, chest)
     volume = circus_input(lesion.series, tmp_path / "in", head_first=task != "cxr-mass")
     results = _remote_job(remotes(task), volume, tmp_path / "remote")
     assert hits(results, volume, lesion.center_mm, lesion.diameter_mm)
