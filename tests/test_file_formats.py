@@ -179,3 +179,28 @@ def test_circus_size_mismatch_is_a_clear_error(tmp_path: Path) -> None:
     (folder / "0.json").write_text("{}")
     with pytest.raises(InputError, match="holds 10 bytes"):
         read_image(folder)
+
+
+@pytest.mark.parametrize("ndims", ["-3", "99999999999999999999", "0", "three"])
+def test_a_metaimage_ndims_itk_cannot_parse_is_refused_before_it_hangs(tmp_path: Path, ndims: str) -> None:
+    """ITK's MetaIO never returned from ``NDims =-3`` or an overflowing NDims (a 94-byte file found by
+    the fuzzer held the reader for good). Run in a child process so a regression fails, not hangs:
+    the 60 s bound is for an endless loop, the read itself takes milliseconds."""
+    import subprocess
+    import sys
+
+    (tmp_path / "image.mhd").write_text(
+        f"ObjectType = Image\nNDims = {ndims}\nDimSize = 2 2 2\nElementType = MET_SHORT\nElementDataFile = image.raw\n"
+    )
+    (tmp_path / "image.raw").write_bytes(bytes(16))
+    code = (
+        "import sys; from pathlib import Path; from services.core.io import read_image\n"
+        "from services.core.errors import InputError\n"
+        "try: read_image(Path(sys.argv[1]))\n"
+        "except InputError as e: print(e.field, e.message)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "image.mhd")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("image ") and "NDims must be 1..4" in done.stdout, done.stdout

@@ -542,44 +542,35 @@ def test_an_uncompressed_header_declaring_more_than_its_file_holds_is_refused(tm
     assert refused.value.field == "image.file.content"
 
 
-_CT_SIZES = "512 512 2048"  # MAX_VOXELS of int16: exactly the 1 GiB upload limit
+_CT_SIZES = b"512 512 2048"  # MAX_VOXELS of int16: exactly the 1 GiB upload limit
+
+
+def _nrrd(encoding: str, data: bytes) -> bytes:
+    return (
+        b"NRRD0004\ntype: short\ndimension: 3\nsizes: "
+        + _CT_SIZES
+        + f"\nencoding: {encoding}\n".encode()
+        + b"endian: little\n\n"
+        + data
+    )
+
+
+def _metaimage(lines: bytes) -> bytes:
+    return b"ObjectType = Image\nNDims = 3\nDimSize = " + _CT_SIZES + b"\nElementType = MET_SHORT\n" + lines
 
 
 @pytest.mark.parametrize(
     ("filename", "content", "refusal"),
     [
-        (
-            "image.nrrd",
-            b"NRRD0004\ntype: short\ndimension: 3\nsizes: " + _CT_SIZES.encode() + b"\nencoding: raw\n"
-            b"endian: little\n\n" + bytes(100),
-            "the file holds",
-        ),
-        (
-            "image.nrrd",
-            b"NRRD0004\ntype: short\ndimension: 3\nsizes: " + _CT_SIZES.encode() + b"\nencoding: gzip\n"
-            b"endian: little\n\n" + gzip.compress(bytes(1000)),
-            "the gzip-compressed file holds",
-        ),
-        (
-            "image.nrrd",
-            b"NRRD0004\ntype: short\ndimension: 3\nsizes: "
-            + _CT_SIZES.encode()
-            + b"\nencoding: ascii\n\n"
-            + b"0 " * 50,
-            "the text-encoded file holds",
-        ),
+        ("image.nrrd", _nrrd("raw", bytes(100)), "the file holds"),
+        ("image.nrrd", _nrrd("gzip", gzip.compress(bytes(1000))), "the gzip-compressed file holds"),
+        ("image.nrrd", _nrrd("ascii", b"0 " * 50), "the text-encoded file holds"),
         (
             "image.mha",
-            b"ObjectType = Image\nNDims = 3\nDimSize = " + _CT_SIZES.encode() + b"\nElementType = MET_SHORT\n"
-            b"CompressedData = True\nElementDataFile = LOCAL\n" + bytes(100),
+            _metaimage(b"CompressedData = True\nElementDataFile = LOCAL\n" + bytes(100)),
             "the zlib-compressed file holds",
         ),
-        (
-            "image.mhd",
-            b"ObjectType = Image\nNDims = 3\nDimSize = " + _CT_SIZES.encode() + b"\nElementType = MET_SHORT\n"
-            b"ElementDataFile = image.raw\n",
-            "the file holds 100 bytes",
-        ),
+        ("image.mhd", _metaimage(b"ElementDataFile = image.raw\n"), "the file holds 100 bytes"),
     ],
 )
 def test_a_header_declaring_more_than_its_data_can_hold_is_refused_before_any_reader(

@@ -36,6 +36,7 @@ from services.api.multipart import split_parts
 from services.api.pb import image_pb2
 from services.core.errors import InputError
 from services.core.io import read_image
+from services.core.io.itk_formats import header_fields
 from services.core.uids import check_uid
 from services.core.volume import Volume
 from services.core.work_budget import DeadlineExceededError, RequestCancelledError, checkpoint, remaining_s
@@ -174,8 +175,6 @@ _SITK_BITS = re.compile(r"([0-9]+)-bit")
 #: The most a deflate stream (gzip, zlib) expands: RFC 1951's longest match, 258 bytes, costs at
 #: least 2 bits, so one compressed byte yields at most 1032.
 _DEFLATE_MAX_RATIO = 1032
-#: How much of an NRRD or MetaImage file its text header may take (real headers are < 4 KiB).
-_TEXT_HEADER_BYTES = 1 << 16
 _NRRD_DATA_FILE_KEYS = ("data file", "datafile")
 
 
@@ -186,23 +185,16 @@ def _external_data_file(path: Path) -> str | None:
     ``ElementDataFile =``), by absolute path too: a client's ``.nrrd`` naming ``/etc/passwd`` made
     the service read that file as voxels. A ``.nrrd`` or ``.mha`` must hold its own data; a ``.mhd``
     (local and CIRCUS CS folders only) may name a file beside it, never a path."""
-    text = _text_header(path)
+    fields = header_fields(path)
     name = path.name.lower()
     if name.endswith(".nrrd"):
-        for line in text.split("\n\n", 1)[0].splitlines()[1:]:
-            key, _, value = line.partition(":")
-            if key.strip().lower() in _NRRD_DATA_FILE_KEYS:
-                return value.strip() or "(empty)"
+        named = [fields[key] for key in _NRRD_DATA_FILE_KEYS if key in fields]
+        return (named[0] or "(empty)") if named else None
+    target = fields.get("elementdatafile")
+    if target is None or target.upper() == "LOCAL":
         return None
-    for line in text.splitlines():
-        key, equals, value = line.partition("=")
-        if equals and key.strip().lower() == "elementdatafile":
-            target = value.strip()
-            if target.upper() == "LOCAL":
-                return None
-            plain_name = target == Path(target).name and "\\" not in target and target.upper() != "LIST"
-            return None if name.endswith(".mhd") and plain_name and "%" not in target else target
-    return None
+    plain_name = target == Path(target).name and "\\" not in target and target.upper() != "LIST"
+    return None if name.endswith(".mhd") and plain_name and "%" not in target else target
 
 
 def _declared_size(path: Path) -> tuple[int, int]:
@@ -265,25 +257,14 @@ def _fits_in_file(declared_bytes: int, path: Path, *, expansion: float = 1.0, ho
         )
 
 
-def _text_header(path: Path) -> str:
-    with path.open("rb") as handle:
-        return handle.read(_TEXT_HEADER_BYTES).decode("latin-1")
-
-
 def _fits_in_payload(voxels: int, declared_bytes: int, path: Path) -> None:
     """:func:`_fits_in_file` for NRRD and MetaImage, by the encoding the header names: raw (one file
     byte per voxel byte), gzip/zlib (deflate expands at most 1032:1), hex (two characters per byte),
     text (a digit and a separator per voxel). The data sits in the file itself, or for a ``.mhd``
     in the file beside it that the header names (:func:`_external_data_file` allows nothing else)."""
-    text = _text_header(path)
+    fields = header_fields(path)
     if path.name.lower().endswith(".nrrd"):
-        lines = text.split("\n\n", 1)[0].splitlines()[1:]
-        fields = {
-            k.strip().lower(): v.strip().lower()
-            for k, sep, v in (line.partition(":") for line in lines)
-            if sep
-        }
-        encoding = fields.get("encoding", "raw")
+        encoding = fields.get("encoding", "raw").lower()
         if encoding in ("gzip", "gz"):
             _fits_in_file(declared_bytes, path, expansion=_DEFLATE_MAX_RATIO, how="gzip-compressed ")
         elif encoding == "hex":
@@ -293,11 +274,6 @@ def _fits_in_payload(voxels: int, declared_bytes: int, path: Path) -> None:
         elif encoding == "raw":
             _fits_in_file(declared_bytes, path)
         return  # any other encoding: the reader refuses it without allocating (bzip2 is not built in)
-    fields = {}
-    for line in text.splitlines():
-        key, equals, value = line.partition("=")
-        if equals:
-            fields[key.strip().lower()] = value.strip()
     target = fields.get("elementdatafile", "LOCAL")
     data = path if target.upper() == "LOCAL" else path.parent / target
     if not data.is_file():

@@ -19,19 +19,66 @@ _IMAGE_IO_BY_SUFFIX = {
     ".mha": "MetaImageIO",
     ".mhd": "MetaImageIO",
 }
+#: How much of an NRRD or MetaImage file its text header may take (real headers are < 4 KiB).
+TEXT_HEADER_BYTES = 1 << 16
+#: The dimensionalities a MetaImage may declare (2D, 3D, 3D + time or components).
+_METAIMAGE_NDIMS = range(1, 5)
+
+
+def header_fields(path: Path) -> dict[str, str]:
+    """The ``key → value`` pairs of an NRRD (``key: value``, up to the blank line) or MetaImage
+    (``Key = Value``, up to ``ElementDataFile``, its last header line: the voxels follow) text header,
+    read from its first :data:`TEXT_HEADER_BYTES`; keys lower-cased, values stripped, the first of a
+    repeated key kept."""
+    with path.open("rb") as handle:
+        text = handle.read(TEXT_HEADER_BYTES).decode("latin-1")
+    fields: dict[str, str] = {}
+    if path.suffix.lower() in (".nrrd", ".nhdr"):
+        for line in text.split("\n\n", 1)[0].splitlines()[1:]:
+            key, colon, value = line.partition(":")
+            if colon:
+                fields.setdefault(key.strip().lower(), value.strip())
+        return fields
+    for line in text.splitlines():
+        key, equals, value = line.partition("=")
+        if equals:
+            fields.setdefault(key.strip().lower(), value.strip())
+            if key.strip().lower() == "elementdatafile":
+                break
+    return fields
+
+
+def _check_metaimage_header(path: Path) -> None:
+    """ITK's MetaIO never returns from a header whose ``NDims`` is negative or overflows (found by
+    the fuzzer: a 94-byte ``NDims =-3`` held a reader for good), so NDims is checked first."""
+    ndims = header_fields(path).get("ndims")
+    if ndims is None:
+        return  # MetaIO itself refuses a header without NDims
+    try:
+        value = int(ndims)
+    except ValueError:
+        value = 0
+    if value not in _METAIMAGE_NDIMS:
+        raise InputError(
+            f"{path.name}: NDims must be {_METAIMAGE_NDIMS.start}..{_METAIMAGE_NDIMS.stop - 1}, got {ndims[:16]!r}",
+            field="image",
+        )
 
 
 def itk_reader(path: Path) -> sitk.ImageFileReader:
     """A reader for ``path`` pinned to the ImageIO its suffix names.
 
     Raises:
-        InputError: naming ``image`` when the suffix is not an ITK format wlcad reads.
+        InputError: naming ``image`` when the suffix is not an ITK format wlcad reads, or a
+            MetaImage header declares a dimensionality ITK cannot parse safely.
     """
     image_io = _IMAGE_IO_BY_SUFFIX.get(path.suffix.lower())
     if image_io is None:
         raise InputError(
             f"{path.name}: not an ITK format wlcad reads (.nrrd, .nhdr, .mha, .mhd)", field="image"
         )
+    if image_io == "MetaImageIO":
+        _check_metaimage_header(path)
     reader = sitk.ImageFileReader()
     reader.SetImageIO(image_io)
     reader.SetFileName(str(path))
