@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Served model families, best first: an empty ``--model`` takes the first the repository holds.
-#: Served families, in the order a task's default is picked (the best the repository holds first).
 SERVED_MODELS = ("two-flow", "glow", "gan")
 SUMMARY_FOLDER = "summary"
 WORKLIST = "worklist.csv"
@@ -71,6 +70,21 @@ def resolve_model(task: AnomalyTask, model: str | None, repository: Path) -> str
         if model_versions(task, candidate, repository):
             return candidate
     return "glow"  # none there: the caller's availability check names the model that is missing
+
+
+def open_scorer(
+    task: AnomalyTask, model: str | None, repository: Path | None = None, setting: str | None = None
+) -> AnomalyScorer:
+    """The scorer of ``model`` (or the task's default, :func:`resolve_model`) from ``repository``
+    (default: the configured one), refused with an InputError naming ``model`` when it is absent."""
+    from services.anomaly.scoring import AnomalyScorer
+    from services.inference.factory import default_repository
+
+    root = repository if repository is not None else default_repository()
+    chosen = resolve_model(task, model, root)
+    if not model_versions(task, chosen, root):
+        raise InputError(f"{task.model_name(chosen)} is not in the model repository {root}", field="model")
+    return AnomalyScorer(task.name, chosen, repository=root, setting=setting)
 
 
 def model_version_name(task: AnomalyTask, model: str, version: int) -> str:

@@ -208,10 +208,8 @@ def _score(
     import numpy as np
 
     from services.anomaly.figure import render_score_figure
-    from services.anomaly.scoring import AnomalyScorer
     from services.anomaly.tasks import anomaly_task
-    from services.batch.score import model_versions, resolve_model, score_document
-    from services.inference.factory import default_repository
+    from services.batch.score import open_scorer, score_document
 
     if len(volumes) != 1:
         raise InputError(
@@ -219,12 +217,8 @@ def _score(
         )
     [volume] = volumes
     task = anomaly_task(capability.task)
-    root = repository if repository is not None else default_repository()
-    model = resolve_model(task, None, root)
-    if not model_versions(task, model, root):
-        raise InputError(f"{task.model_name(model)} is not in the model repository", field="model")
-    progress(f"volume 0: scoring ({task.name}, {model})")
-    with AnomalyScorer(task.name, model, repository=root, setting=INFERENCE) as scorer:
+    with open_scorer(task, None, repository, INFERENCE) as scorer:
+        progress(f"volume 0: scoring ({task.name}, {scorer.model})")
         result, score_map = scorer.score_with_map(volume)
         normals = len(scorer.calibration.normal_scores)
     document = score_document(result, task)

@@ -85,17 +85,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _scorer(args: argparse.Namespace, task):
-    from services.anomaly.scoring import AnomalyScorer
-    from services.batch.score import model_versions, resolve_model
-    from services.inference.factory import default_repository
+    from services.batch.score import open_scorer
 
-    repository = args.model_repository or default_repository()
-    model = resolve_model(task, args.model, repository)
-    if not model_versions(task, model, repository):
-        raise InputError(
-            f"{task.model_name(model)} is not in the model repository {repository}", field="model"
-        )
-    return AnomalyScorer(task.name, model, repository=repository, setting=args.inference)
+    return open_scorer(task, args.model, args.model_repository, args.inference)
 
 
 def run(args: argparse.Namespace) -> int:
